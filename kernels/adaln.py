@@ -1,0 +1,263 @@
+"""Fused adaLN of a DiT/SiT block in Triton: gated residual + LayerNorm (no affine) + modulate.
+
+Forward (one pass over the rows of one sample chunk; fp32 math and stats, fp64 for fp64 inputs):
+    x_new = x + gate[b] * y                      (HAS_RESIDUAL; x_new is rounded to x's dtype, and the
+                                                  LayerNorm reads that stored value, as eager does)
+    mean, rstd = stats of x_new over D           (two-pass in registers: mean, then sum (x - mean)^2)
+    h = (x_new - mean) * rstd * (1 + scale[b]) + shift[b]      stored in out_dtype
+Backward (one pass; xhat recomputed from x_new and the saved stats):
+    g      = dh * (1 + scale[b])
+    dx_new = rstd * (g - mean_D(g) - xhat * mean_D(g * xhat)) + dR      (dR: grad flowing into x_new)
+    dx = dx_new,  dy = gate[b] * dx_new
+    dgate[b] = sum_T dx_new * y,  dscale[b] = sum_T dh * xhat,  dshift[b] = sum_T dh     (COND_GRAD)
+
+Shapes: x, y: [B, T, D] (x fp32/bf16/fp16, y any float); gate, shift, scale: [B, D] any float, rows may
+be strided (the `chunk(6, dim=1)` views of the adaLN projection are used without a copy).
+Saved for backward: x_new (or x), y, gate, scale, mean/rstd [B*T] fp32.
+Grid: (B, cdiv(T, rows_per_prog)); each program walks rows_per_prog rows of one sample, so the
+per-sample condition vectors are loaded once and the T-reductions of the backward accumulate in
+registers. Per-chunk partials [B, chunks, D] fp32 are summed with torch in a fixed order: the backward
+is deterministic (no atomics). Limit: D <= 16384 (one row in registers).
+Bytes per call (E = B*T*D elements): forward reads x, y and writes x_new, h (4E); backward reads dh,
+dR, x_new, y and writes dx, dy (6E), plus 3*B*chunks*D*4 bytes of partials when COND_GRAD.
+"""
+
+# B batch, T tokens, D hidden
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._checks import check_adaln_inputs
+from ._launch import acc_dtype, check_runnable, contiguous, device_sm_count, next_pow2, tl_dtype, warps_for_block
+
+
+@triton.jit
+def _adaln_fwd_kernel(
+    X, Y, GATE, SHIFT, SCALE,  # inputs
+    XNEW, H, MEAN, RSTD,  # outputs
+    stride_gate_b, stride_shift_b, stride_scale_b,  # row strides of the [B, D] conditions
+    T, D, rows_per_prog, eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,  # compute dtype: fp32, or fp64 for fp64 inputs (gradcheck)
+):
+    b = tl.program_id(0)
+    chunk = tl.program_id(1)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    shift = tl.load(SHIFT + b * stride_shift_b + cols, mask=mask, other=0.0).to(ACC)
+    scale1 = 1.0 + tl.load(SCALE + b * stride_scale_b + cols, mask=mask, other=0.0).to(ACC)
+    if HAS_RESIDUAL:
+        gate = tl.load(GATE + b * stride_gate_b + cols, mask=mask, other=0.0).to(ACC)
+    t_start = chunk * rows_per_prog
+    t_end = tl.minimum(t_start + rows_per_prog, T)
+    for t in range(t_start, t_end):
+        row = (b * T + t).to(tl.int64)
+        offs = row * D + cols
+        x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+        if HAS_RESIDUAL:
+            y = tl.load(Y + offs, mask=mask, other=0.0).to(ACC)
+            x_store = (x + gate * y).to(XNEW.dtype.element_ty)
+            tl.store(XNEW + offs, x_store, mask=mask)
+            x = x_store.to(ACC)
+        mean = tl.sum(x, axis=0) / D
+        xc = tl.where(mask, x - mean, 0.0)
+        var = tl.sum(xc * xc, axis=0) / D
+        rstd = 1.0 / tl.sqrt(var + eps)
+        h = xc * rstd * scale1 + shift
+        tl.store(H + offs, h.to(H.dtype.element_ty), mask=mask)
+        tl.store(MEAN + row, mean)
+        tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def _adaln_bwd_kernel(
+    DH, DXNEW, XNEW, Y, GATE, SCALE, MEAN, RSTD,  # inputs
+    DX, DY, DGATE_PART, DSCALE_PART, DSHIFT_PART,  # outputs
+    stride_gate_b, stride_scale_b,
+    T, D, rows_per_prog, num_chunks,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_DXNEW: tl.constexpr,
+    COND_GRAD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    b = tl.program_id(0)
+    chunk = tl.program_id(1)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    scale1 = 1.0 + tl.load(SCALE + b * stride_scale_b + cols, mask=mask, other=0.0).to(ACC)
+    if HAS_RESIDUAL:
+        gate = tl.load(GATE + b * stride_gate_b + cols, mask=mask, other=0.0).to(ACC)
+    if COND_GRAD:
+        acc_gate = tl.zeros((BLOCK_D,), dtype=ACC)
+        acc_scale = tl.zeros((BLOCK_D,), dtype=ACC)
+        acc_shift = tl.zeros((BLOCK_D,), dtype=ACC)
+    t_start = chunk * rows_per_prog
+    t_end = tl.minimum(t_start + rows_per_prog, T)
+    for t in range(t_start, t_end):
+        row = (b * T + t).to(tl.int64)
+        offs = row * D + cols
+        mean = tl.load(MEAN + row)
+        rstd = tl.load(RSTD + row)
+        x = tl.load(XNEW + offs, mask=mask, other=0.0).to(ACC)
+        xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+        dh = tl.load(DH + offs, mask=mask, other=0.0).to(ACC)
+        g = dh * scale1
+        c_xhat = tl.sum(g * xhat, axis=0) / D
+        c_mean = tl.sum(g, axis=0) / D
+        dx = (g - (xhat * c_xhat + c_mean)) * rstd
+        if HAS_DXNEW:
+            dx += tl.load(DXNEW + offs, mask=mask, other=0.0).to(ACC)
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+        if HAS_RESIDUAL:
+            tl.store(DY + offs, (gate * dx).to(DY.dtype.element_ty), mask=mask)
+        if COND_GRAD:
+            if HAS_RESIDUAL:
+                y = tl.load(Y + offs, mask=mask, other=0.0).to(ACC)
+                acc_gate += dx * y
+            acc_scale += dh * xhat
+            acc_shift += dh
+    if COND_GRAD:
+        part = (b * num_chunks + chunk).to(tl.int64) * D + cols
+        if HAS_RESIDUAL:
+            tl.store(DGATE_PART + part, acc_gate, mask=mask)
+        tl.store(DSCALE_PART + part, acc_scale, mask=mask)
+        tl.store(DSHIFT_PART + part, acc_shift, mask=mask)
+
+
+def _chunking(x_BTD: torch.Tensor) -> tuple[int, int]:
+    """(rows_per_prog, num_chunks): about 8 programs per SM, never more rows than T.
+
+    PERF: untuned placeholder (no GPU in the session that wrote it); flash-attn's LN backward uses
+    8 programs per SM, which is the starting point here.
+    """
+    B, T, _ = x_BTD.shape
+    target_programs = 8 * device_sm_count(x_BTD)
+    num_chunks = max(1, min(T, target_programs // max(B, 1)))
+    rows_per_prog = triton.cdiv(T, num_chunks)
+    return rows_per_prog, triton.cdiv(T, rows_per_prog)
+
+
+def adaln_fwd(
+    x_BTD: torch.Tensor,
+    shift_BD: torch.Tensor,
+    scale_BD: torch.Tensor,
+    y_BTD: torch.Tensor | None,
+    gate_BD: torch.Tensor | None,
+    eps: float,
+    out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the forward; returns (x_new, h, mean_BT, rstd_BT). x_new is x itself without residual."""
+    check_adaln_inputs(x_BTD, shift_BD, scale_BD, y_BTD, gate_BD)
+    check_runnable(x_BTD.device)
+    x_BTD, y_BTD = contiguous(x_BTD), contiguous(y_BTD)
+    B, T, D = x_BTD.shape
+    has_residual = y_BTD is not None
+    x_new = torch.empty_like(x_BTD) if has_residual else x_BTD
+    h = torch.empty(B, T, D, device=x_BTD.device, dtype=out_dtype)
+    mean = torch.empty(B * T, device=x_BTD.device, dtype=acc_dtype(x_BTD))
+    rstd = torch.empty_like(mean)
+    if B * T == 0:
+        return x_new, h, mean, rstd
+    rows, chunks = _chunking(x_BTD)
+    block = next_pow2(D)
+    gate_arg = gate_BD if has_residual else shift_BD  # never read without HAS_RESIDUAL
+    _adaln_fwd_kernel[(B, chunks)](
+        x_BTD, y_BTD if has_residual else x_BTD, gate_arg, shift_BD, scale_BD,
+        x_new, h, mean, rstd,
+        gate_arg.stride(0), shift_BD.stride(0), scale_BD.stride(0),
+        T, D, rows, eps,
+        HAS_RESIDUAL=has_residual, BLOCK_D=block, ACC=tl_dtype(mean.dtype), num_warps=warps_for_block(block),
+    )
+    return x_new, h, mean, rstd
+
+
+def adaln_bwd(
+    dh_BTD: torch.Tensor,
+    dxnew_BTD: torch.Tensor | None,
+    xnew_BTD: torch.Tensor,
+    scale_BD: torch.Tensor,
+    y_BTD: torch.Tensor | None,
+    gate_BD: torch.Tensor | None,
+    mean_BT: torch.Tensor,
+    rstd_BT: torch.Tensor,
+    cond_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Launch the backward; returns (dx, dy, dgate, dscale, dshift), condition grads fp32 [B, D] or None."""
+    B, T, D = xnew_BTD.shape
+    has_residual = y_BTD is not None
+    dh_BTD, dxnew_BTD = contiguous(dh_BTD), contiguous(dxnew_BTD)
+    dx = torch.empty_like(xnew_BTD)
+    dy = torch.empty_like(y_BTD) if has_residual else None
+    rows, chunks = _chunking(xnew_BTD)
+    parts = torch.empty(3, B, chunks, D, device=xnew_BTD.device, dtype=mean_BT.dtype) if cond_grad else None
+    if B * T > 0:
+        block = next_pow2(D)
+        gate_arg = gate_BD if has_residual else scale_BD
+        p_gate, p_scale, p_shift = (parts[0], parts[1], parts[2]) if cond_grad else (dx, dx, dx)
+        _adaln_bwd_kernel[(B, chunks)](
+            dh_BTD, dxnew_BTD if dxnew_BTD is not None else dh_BTD, xnew_BTD,
+            y_BTD if has_residual else xnew_BTD, gate_arg, scale_BD, mean_BT, rstd_BT,
+            dx, dy if has_residual else dx, p_gate, p_scale, p_shift,
+            gate_arg.stride(0), scale_BD.stride(0),
+            T, D, rows, chunks,
+            HAS_RESIDUAL=has_residual, HAS_DXNEW=dxnew_BTD is not None, COND_GRAD=cond_grad,
+            BLOCK_D=block, ACC=tl_dtype(mean_BT.dtype), num_warps=warps_for_block(block),
+        )
+    if not cond_grad:
+        return dx, dy, None, None, None
+    if B * T == 0:
+        parts.zero_()
+    sums = parts.sum(dim=2)  # (3, B, D), fixed-order reduction over chunks: deterministic
+    return dx, dy, (sums[0] if has_residual else None), sums[1], sums[2]
+
+
+class AdaLNFn(torch.autograd.Function):
+    """Autograd wrapper: forward returns (x_new, h) with a residual, h alone without one."""
+
+    @staticmethod
+    def forward(ctx, x, shift, scale, y, gate, eps, out_dtype):
+        x_new, h, mean, rstd = adaln_fwd(x, shift, scale, y, gate, eps, out_dtype)
+        ctx.save_for_backward(x_new, scale, y, gate, mean, rstd)
+        ctx.has_residual = y is not None
+        ctx.cond_dtypes = (shift.dtype, scale.dtype, None if gate is None else gate.dtype)
+        ctx.set_materialize_grads(False)
+        return (x_new, h) if ctx.has_residual else h
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x_new, scale, y, gate, mean, rstd = ctx.saved_tensors
+        dxnew, dh = grads if ctx.has_residual else (None, grads[0])
+        if dh is None:
+            dh = torch.zeros_like(x_new)
+        _, need_shift, need_scale, _, need_gate = ctx.needs_input_grad[:5]
+        cond_grad = need_shift or need_scale or need_gate
+        dx, dy, dgate, dscale, dshift = adaln_bwd(dh, dxnew, x_new, scale, y, gate, mean, rstd, cond_grad)
+
+        shift_dtype, scale_dtype, gate_dtype = ctx.cond_dtypes
+
+        def cast(g, dtype, needed):
+            return g.to(dtype) if (needed and g is not None) else None
+
+        return (
+            dx,
+            cast(dshift, shift_dtype, need_shift),
+            cast(dscale, scale_dtype, need_scale),
+            dy if ctx.needs_input_grad[3] else None,
+            cast(dgate, gate_dtype, need_gate),
+            None,
+            None,
+        )
+
+
+def adaln_triton(x, shift, scale, *, y=None, gate=None, eps=1e-6, out_dtype=None):
+    """Triton backend of kernels.adaln: returns (x_new, h)."""
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    if y is None:
+        check_adaln_inputs(x, shift, scale, y, gate)
+        return x, AdaLNFn.apply(x, shift, scale, None, None, eps, out_dtype)
+    return AdaLNFn.apply(x, shift, scale, y, gate, eps, out_dtype)
