@@ -166,3 +166,12 @@ def make_latent_bn_inputs(
         "num_batches_tracked": torch.zeros((), dtype=torch.long, device=device),
     }
     return out
+
+
+def allreduce_stats_hook(group=None) -> StatsHook:
+    """A stats hook that sums the statistics over the ranks of a torch.distributed group (SyncBN)."""
+
+    def hook(stats: torch.Tensor) -> None:
+        torch.distributed.all_reduce(stats, op=torch.distributed.ReduceOp.SUM, group=group)
+
+    return hook
