@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 
 from ._checks import check_adaln_inputs, check_latent_bn_inputs, check_repa_inputs
-from ._launch import interpreter_on
+from ._launch import check_runnable, interpreter_on
 from .adaln_ref import adaln_ref, make_adaln_inputs
 from .latent_bn_ref import (
     StatsHook,
@@ -58,12 +58,18 @@ def get_backend() -> str:
 
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:
-    """The backend ("triton" or "eager") that a call with these arguments runs."""
+    """The backend ("triton" or "eager") that a call with these arguments runs.
+
+    Raises ValueError for "triton" on a device it cannot run on, before any Triton module is imported
+    (a kernel module imported without the interpreter flag could not run on CPU later).
+    """
     if os.environ.get("REPAE_KERNELS") == "eager":
         return "eager"
     name = _validate_backend(_default_backend if backend is None else backend, "backend")
     if name == "auto":
         return "triton" if device.type == "cuda" or (device.type == "cpu" and interpreter_on()) else "eager"
+    if name == "triton":
+        check_runnable(device)
     return name
 
 
@@ -88,13 +94,13 @@ def adaln(
     x_new = x + gate[:, None] * y (x itself when y and gate are omitted, e.g. a block's first norm);
     h = LayerNorm(x_new) * (1 + scale[:, None]) + shift[:, None], in out_dtype (default x.dtype).
     x, y: [B, T, D]; shift, scale, gate: [B, D] (strided rows allowed, as from `chunk(6, dim=1)`).
-    Gradients: x, y, and (when they require grad) gate, shift, scale. See kernels/adaln.py.
+    Gradients: x, y, and (when they require grad) gate, shift, scale. See kernels/adaln_triton.py.
     """
+    check_adaln_inputs(x, shift, scale, y, gate)
     if resolve_backend(backend, x.device) == "triton":
-        from .adaln import adaln_triton
+        from .adaln_triton import adaln_triton
 
         return adaln_triton(x, shift, scale, y=y, gate=gate, eps=eps, out_dtype=out_dtype)
-    check_adaln_inputs(x, shift, scale, y, gate)
     return adaln_ref(x, shift, scale, y=y, gate=gate, eps=eps, out_dtype=out_dtype)
 
 
@@ -118,12 +124,12 @@ def repa_loss(
         raise ValueError(f"repa_loss: got {len(zs_tilde)} projector outputs for {len(zs)} encoders")
     losses = []
     for a, b in zip(zs_tilde, zs):
+        check_repa_inputs(a, b)
         if resolve_backend(backend, b.device) == "triton":
-            from .repa_loss import repa_loss_triton
+            from .repa_loss_triton import repa_loss_triton
 
             losses.append(repa_loss_triton(a, b, eps=eps))
         else:
-            check_repa_inputs(a, b)
             losses.append(repa_loss_ref(a, b, eps=eps))
     return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
 
@@ -148,7 +154,7 @@ def latent_bn(
     """
     check_latent_bn_inputs(z, running_mean, running_var, num_batches_tracked)
     if resolve_backend(backend, z.device) == "triton":
-        from .latent_bn import latent_bn_triton
+        from .latent_bn_triton import latent_bn_triton
 
         return latent_bn_triton(z, running_mean, running_var, num_batches_tracked, training=use_batch_stats,
                                 momentum=momentum, eps=eps, stats_hook=stats_hook)
@@ -180,7 +186,7 @@ def latent_bn_interp(
     if t.requires_grad and torch.is_grad_enabled():
         raise ValueError("latent_bn_interp: t must not require grad (the time is sampled, not learned)")
     if resolve_backend(backend, z.device) == "triton":
-        from .latent_bn import latent_bn_interp_triton
+        from .latent_bn_triton import latent_bn_interp_triton
 
         return latent_bn_interp_triton(z, t, noise, running_mean, running_var, num_batches_tracked,
                                        training=use_batch_stats, path=path, momentum=momentum, eps=eps,
@@ -196,7 +202,7 @@ def latent_bn_denorm(
     """Latents for the VAE decoder from normalised x: x / rsqrt(running_var) + running_mean (no eps)."""
     check_latent_bn_inputs(x, running_mean, running_var, None)
     if resolve_backend(backend, x.device) == "triton":
-        from .latent_bn import latent_bn_denorm_triton
+        from .latent_bn_triton import latent_bn_denorm_triton
 
         return latent_bn_denorm_triton(x, running_mean, running_var)
     return latent_bn_denorm_ref(x, running_mean, running_var)

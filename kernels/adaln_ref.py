@@ -1,4 +1,4 @@
-"""Eager PyTorch twin of kernels/adaln.py: the gated residual + LayerNorm + modulate of a DiT/SiT block.
+"""Eager PyTorch twin of kernels/adaln_triton.py: the gated residual + LayerNorm + modulate of a DiT/SiT block.
 
 Holds the reference math (the eager backend, the test oracle with `upcast=True`, the benchmark
 baseline) and `make_adaln_inputs`, the one input factory used by tests and benchmarks. No Triton.

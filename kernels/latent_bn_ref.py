@@ -1,4 +1,4 @@
-"""Eager PyTorch twin of kernels/latent_bn.py: REPA-E's latent BatchNorm and the flow interpolation.
+"""Eager PyTorch twin of kernels/latent_bn_triton.py: REPA-E's latent BatchNorm and the flow interpolation.
 
 Holds the reference math (eager backend, oracle with `upcast=True`, benchmark baseline), the path
 coefficients and `make_latent_bn_inputs`. No Triton.

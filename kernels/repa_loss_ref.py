@@ -1,4 +1,4 @@
-"""Eager PyTorch twin of kernels/repa_loss.py: REPA's patch-wise negative cosine alignment loss.
+"""Eager PyTorch twin of kernels/repa_loss_triton.py: REPA's patch-wise negative cosine alignment loss.
 
 Holds the reference math (eager backend, oracle with `upcast=True`, benchmark baseline) and
 `make_repa_inputs`. No Triton.

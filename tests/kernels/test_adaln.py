@@ -71,7 +71,7 @@ def test_adaln_large_magnitude(dtype_name):
 
 
 def test_adaln_stats_are_fp32_and_deterministic():
-    from repae.kernels.adaln import adaln_fwd
+    from repae.kernels.adaln_triton import adaln_fwd
 
     inputs = make_adaln_inputs(2, 11, 224, torch.bfloat16, device=DEVICE, seed=3)
     _, _, mean, rstd = adaln_fwd(inputs["x"].detach(), inputs["shift"].detach(), inputs["scale"].detach(),
