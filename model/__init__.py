@@ -1,0 +1,1 @@
+"""repae.model: SiT, VAE, PatchGAN discriminator, LPIPS and the DINOv2 encoder (issue 4; empty so far)."""

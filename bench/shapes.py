@@ -1,0 +1,22 @@
+"""The only place benchmark shapes live: the real per-GPU shapes of the REPA-E recipe (b=32)."""
+
+import torch
+
+HBM_GBPS = 3000.0  # measured device-to-device copy bandwidth of the project's H100 (notes, 2026-11-23)
+
+BENCH_CASES = {
+    # adaLN at SiT-XL/2's residual stream [b, T, D]: (shape, branch dtype, residual dtype, h dtype)
+    "adaln": {
+        "sitxl2_fp32res_bf16h": ((32, 256, 1152), torch.bfloat16, torch.float32, torch.bfloat16),
+        "sitxl2_bf16": ((32, 256, 1152), torch.bfloat16, torch.bfloat16, torch.bfloat16),
+    },
+    # REPA loss: projector output (bf16) vs DINOv2-B features (fp32) [b, N, C]
+    "repa_loss": {
+        "dinov2b_bf16_fp32": ((32, 256, 768), torch.bfloat16, torch.float32),
+    },
+    # latent BN + interpolation on z [b, C, H, W] fp32: f8d4 and f16d32 at 256 px
+    "latent_bn": {
+        "f8d4": ((32, 4, 32, 32), torch.float32),
+        "f16d32": ((32, 32, 16, 16), torch.float32),
+    },
+}
