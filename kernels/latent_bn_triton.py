@@ -151,7 +151,7 @@ def _latent_bn_fwd_kernel(
 
 @triton.jit
 def _latent_bn_bwd_kernel(
-    DX0, DXT, DVT, Z, T, MEAN, RSTD, STATS,  # inputs (STATS [2, C]: sum dx0, sum dx0*xhat)
+    DX0, DXT, DVT, Z, T, MEAN, RSTD, STATS,  # inputs (STATS [3, C]: count, sum dx0, sum dx0*xhat)
     DZ, DNOISE,  # outputs
     C, HW, n, chunk,
     STATS_MODE: tl.constexpr,

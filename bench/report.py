@@ -1,0 +1,60 @@
+"""Turn bench/results/<gpu>/*.jsonl into bench/results/<gpu>/REPORT.md: the latest row per
+(op, case, mode, provider), GB/s, roofline fraction and the speed-up of triton over eager and compile.
+
+    python bench/report.py            # every GPU folder under bench/results
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def report(folder: Path) -> str:
+    latest: dict[tuple, dict] = {}
+    for path in sorted(folder.glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            latest[(row["op"], row["case"], row["mode"], row["provider"])] = row
+    if not latest:
+        return ""
+    any_row = next(iter(latest.values()))
+    lines = [
+        f"# Kernel benchmarks on {any_row['gpu']}",
+        "",
+        f"torch {any_row['torch']}, triton {any_row['triton']}, commit {any_row['git_sha']}, "
+        f"{any_row['date_utc']} (latest row per case). Timing: triton.testing.do_bench, L2 flushed, p50.",
+        "",
+        "| op | case | mode | triton ms | eager ms | compile ms | triton GB/s | roofline | vs eager | vs compile |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for op, case, mode in sorted({k[:3] for k in latest}):
+        rows = {p: latest.get((op, case, mode, p)) for p in ("triton", "eager", "compile")}
+        ms = {p: (r["ms"][0] if r else float("nan")) for p, r in rows.items()}
+        t = rows["triton"]
+        lines.append(
+            f"| {op} | {case} | {mode} | {ms['triton']:.4f} | {ms['eager']:.4f} | {ms['compile']:.4f} | "
+            f"{t['gbps'] if t else float('nan'):.0f} | {t['roofline'] if t else float('nan'):.0%} | "
+            f"{ms['eager'] / ms['triton']:.2f}x | {ms['compile'] / ms['triton']:.2f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    written = 0
+    for folder in sorted(p for p in RESULTS.iterdir() if p.is_dir()) if RESULTS.exists() else []:
+        text = report(folder)
+        if text:
+            (folder / "REPORT.md").write_text(text)
+            print(text)
+            written += 1
+    if not written:
+        print(f"no benchmark rows under {RESULTS} (run `pytest bench/` on a GPU first)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
