@@ -257,7 +257,5 @@ class AdaLNFn(torch.autograd.Function):
 def adaln_triton(x, shift, scale, *, y=None, gate=None, eps=1e-6, out_dtype=None):
     """Triton backend of kernels.adaln: returns (x_new, h)."""
     out_dtype = x.dtype if out_dtype is None else out_dtype
-    if y is None:
-        check_adaln_inputs(x, shift, scale, y, gate)
-        return x, AdaLNFn.apply(x, shift, scale, None, None, eps, out_dtype)
-    return AdaLNFn.apply(x, shift, scale, y, gate, eps, out_dtype)
+    out = AdaLNFn.apply(x, shift, scale, y, gate, eps, out_dtype)  # adaln_fwd checks the inputs
+    return out if y is not None else (x, out)  # a block's first norm: x_new is x itself
