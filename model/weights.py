@@ -15,12 +15,14 @@ This file must not hold model code or key remaps (those live beside their models
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
 
+KEY_ORDER_META = "repae_key_order"
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 
 StateDict = dict[str, torch.Tensor]
@@ -39,9 +41,13 @@ def read_weight_file(path: str | os.PathLike, *, what: str = "weight file") -> d
     """The object stored in `path` (a dict), on CPU. `.safetensors` gives a flat tensor dict."""
     path = _check_file(path, what)
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
-        return load_file(path, device="cpu")
+        with safe_open(path, framework="pt", device="cpu") as f:
+            # safetensors stores keys sorted; files we write carry the state_dict order in the metadata.
+            order = json.loads((f.metadata() or {}).get(KEY_ORDER_META, "[]"))
+            keys = [k for k in order if k in f.keys()] + sorted(set(f.keys()) - set(order))
+            return {k: f.get_tensor(k) for k in keys}
     with torch.serialization.safe_globals([argparse.Namespace]):
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -133,7 +139,8 @@ def save_weights(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike
     if path.endswith(".safetensors"):
         from safetensors.torch import save_file
 
-        save_file({k: v.detach().contiguous().clone() for k, v in state_dict.items()}, tmp)
+        save_file({k: v.detach().contiguous().clone() for k, v in state_dict.items()}, tmp,
+                  metadata={KEY_ORDER_META: json.dumps(list(state_dict))})
     elif path.endswith(WEIGHT_SUFFIXES):
         torch.save(dict(state_dict), tmp)
     else:
