@@ -31,7 +31,7 @@ def report(folder: Path) -> str:
         "| op | case | mode | triton ms | eager ms | compile ms | triton GB/s | roofline | vs eager | vs compile |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for op, case, mode in sorted({k[:3] for k in latest}):
+    for op, case, mode in sorted({k[:3] for k in latest if k[0] != "model"}):
         rows = {p: latest.get((op, case, mode, p)) for p in ("triton", "eager", "compile")}
         ms = {p: (r["ms"][0] if r else float("nan")) for p, r in rows.items()}
         t = rows["triton"]
@@ -40,6 +40,18 @@ def report(folder: Path) -> str:
             f"{t['gbps'] if t else float('nan'):.0f} | {t['roofline'] if t else float('nan'):.0%} | "
             f"{ms['eager'] / ms['triton']:.2f}x | {ms['compile'] / ms['triton']:.2f}x |"
         )
+    models = sorted({k[1:3] for k in latest if k[0] == "model"})
+    if models:
+        lines += ["", "## Whole models (bf16 autocast; TFLOP/s from FLOPs counted on meta; MFU vs 989 TFLOP/s)", "",
+                  "| case | mode | fused ms | eager ms | compile ms | fused TFLOP/s | fused MFU | vs eager | vs compile |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for case, mode in models:
+            rows = {p: latest.get(("model", case, mode, p)) for p in ("fused", "eager", "compile")}
+            ms = {p: (r["ms"][0] if r else float("nan")) for p, r in rows.items()}
+            best = rows["fused"] or rows["eager"]
+            lines.append(f"| {case} | {mode} | {ms['fused']:.3f} | {ms['eager']:.3f} | {ms['compile']:.3f} | "
+                         f"{best['tflops']:.0f} | {best['mfu']:.0%} | {ms['eager'] / ms['fused']:.2f}x | "
+                         f"{ms['compile'] / ms['fused']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 

@@ -20,3 +20,10 @@ BENCH_CASES = {
         "f16d32": ((32, 32, 16, 16), torch.float32),
     },
 }
+
+# Whole-model benchmarks (bench/bench_models.py): (kind, sizes, per-GPU batch).
+MODEL_CASES = {
+    "sitxl_block": ("sit_block", {"hidden_size": 1152, "num_heads": 16, "tokens": 256}, 32),
+    "sitxl2": ("sit", {"model": "SiT-XL/2", "overrides": {"input_size": 32, "in_channels": 4}}, 32),
+    "vae_f8d4": ("vae", {"vae": "f8d4", "resolution": 256}, 8),
+}

@@ -286,8 +286,9 @@ def add_pending(x_BTD: torch.Tensor, pending: Pending) -> torch.Tensor:
 
 def _out_dtype(x: torch.Tensor) -> torch.dtype:
     """dtype of the normalised h: the autocast dtype under autocast (the next Linear casts to it anyway)."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
+    kind = x.device.type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):  # (meta has no autocast)
+        return torch.get_autocast_dtype(kind)
     return x.dtype
 
 

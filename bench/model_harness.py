@@ -1,0 +1,136 @@
+"""Benchmark builders for whole models: one SiT-XL block, the whole SiT-XL/2, the f8d4 VAE.
+
+Providers: "fused" (our SiT: Triton adaLN + latent BN), "eager" (the same SiT on the eager kernel
+backend; for the VAE plain PyTorch), "compile" (torch.compile of the eager model). Modes "fwd" and
+"fwd_bwd" as in bench/harness.py. Everything runs under bf16 autocast with fp32 parameters and fp32
+residual stream, as training does. FLOPs are counted by torch.utils.flop_counter on the meta device
+(matmuls, convs and attention; elementwise work is not counted), so TFLOP/s and MFU need no hand formula.
+tests/test_bench_builders.py runs these builders at small sizes on CPU.
+"""
+
+# B batch, T tokens, D hidden, C latent channels
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+from harness import BenchFn
+
+import repae.model  # noqa: F401  (torchvision guard)
+from repae.model.sit import SiTBlock, add_pending, build_sit
+
+MODEL_PROVIDERS = ("fused", "eager", "compile")
+H100_BF16_PEAK_TFLOPS = 989.0  # dense bf16 tensor-core peak of the H100 SXM (spec sheet), for MFU
+
+
+def _autocast(device: str):
+    kind = torch.device(device).type
+    if kind not in ("cuda", "cpu"):  # meta (FLOP counting): no autocast, same FLOPs
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=kind, dtype=torch.bfloat16)
+
+
+def _randn(shape, g: torch.Generator, device: str, **kw) -> torch.Tensor:
+    """Inputs are drawn on the CPU generator (same numbers on every device), then moved."""
+    return torch.randn(shape, generator=g, device="cpu").to(device, **kw)
+
+
+def count_flops(build: Callable[[str], tuple[Callable, list[torch.Tensor]]], mode: str) -> int:
+    """FLOPs of one call of the built closure, counted on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    fn, _ = build("meta")
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def _closure(forward: Callable[[], list[torch.Tensor]], mode: str) -> Callable[[], None]:
+    """fwd: forward under no_grad; fwd_bwd: forward + backward of fixed random output gradients."""
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                forward()
+        return run
+    douts = [torch.randn_like(o) for o in forward()]
+
+    def run():
+        torch.autograd.backward(forward(), douts)
+
+    return run
+
+
+def _sit_block(provider: str, mode: str, width: dict, batch: int, device: str):
+    D, H, T = width["hidden_size"], width["num_heads"], width["tokens"]
+    backend = "triton" if provider == "fused" else "eager"
+    with torch.device(device):
+        block = SiTBlock(D, H, kernel_backend=backend, attn_backend="auto")
+        with torch.no_grad():
+            for p in block.parameters():
+                p.normal_(0, 0.02)
+    g = torch.Generator().manual_seed(0)
+    x = _randn((batch, T, D), g, device).requires_grad_(mode == "fwd_bwd")
+    c = _randn((batch, D), g, device).requires_grad_(mode == "fwd_bwd")
+    y = _randn((batch, T, D), g, device, dtype=torch.bfloat16)
+    gate = _randn((batch, D), g, device, dtype=torch.bfloat16)
+    fn = torch.compile(block) if provider == "compile" else block
+
+    def forward():
+        with _autocast(device):
+            x_out, pending = fn(x, c, (y, gate))
+            return [add_pending(x_out, pending)]
+
+    return _closure(forward, mode), [x, c, *block.parameters()]
+
+
+def _sit(provider: str, mode: str, width: dict, batch: int, device: str):
+    backend = "triton" if provider == "fused" else "eager"
+    with torch.device(device):
+        model = build_sit(width["model"], **width.get("overrides", {}), kernel_backend=backend).train()
+    cfg = model.config
+    g = torch.Generator().manual_seed(0)
+    s, C = cfg.input_size, cfg.in_channels
+    z, noise = _randn((batch, C, s, s), g, device), _randn((batch, C, s, s), g, device)
+    t = torch.rand(batch, generator=g).to(device)
+    y = torch.randint(0, cfg.num_classes, (batch,), generator=g).to(device)
+    drop = (torch.rand(batch, generator=g) < cfg.class_dropout_prob).to(device)
+    fn = torch.compile(model) if provider == "compile" else model
+
+    def forward():
+        with _autocast(device):
+            out = fn(z, y, t, noise, drop_mask_B=drop)
+            return [out.v_pred, *out.zs_tilde]
+
+    return _closure(forward, mode), list(model.parameters())
+
+
+def _vae(provider: str, mode: str, width: dict, batch: int, device: str):
+    from repae.model.vae import build_vae
+
+    with torch.device(device):
+        vae = build_vae(width["vae"]).train()
+    R = width["resolution"]
+    x = (torch.rand(batch, 3, R, R, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(device)
+    fn = torch.compile(vae) if provider == "compile" else vae
+
+    def forward():
+        with _autocast(device):
+            posterior, z, recon = fn(x)
+            return [z, recon]
+
+    return _closure(forward, mode), list(vae.parameters())
+
+
+_KINDS = {"sit_block": _sit_block, "sit": _sit, "vae": _vae}
+
+
+def model_case(provider: str, mode: str, kind: str, width: dict, batch: int, device: str) -> tuple[BenchFn, int]:
+    """(BenchFn to time, FLOPs of one call). The VAE has no fused provider (it has no fused kernels yet)."""
+    if provider not in MODEL_PROVIDERS:
+        raise ValueError(f"provider must be one of {MODEL_PROVIDERS}, got {provider!r}")
+    fn, leaves = _KINDS[kind](provider, mode, width, batch, device)
+    flops = count_flops(lambda dev: _KINDS[kind]("eager", mode, width, batch, dev), mode)
+    return BenchFn(fn, 0, [t for t in leaves if t.requires_grad]), flops
