@@ -1,7 +1,8 @@
 """Benchmark builders for whole models: one SiT-XL block, the whole SiT-XL/2, the f8d4 VAE.
 
 Providers: "fused" (our SiT: Triton adaLN + latent BN), "eager" (the same SiT on the eager kernel
-backend; for the VAE plain PyTorch), "compile" (torch.compile of the eager model). Modes "fwd" and
+backend; for the VAE plain PyTorch), "compile" (torch.compile of the eager model), "fused_compile"
+(torch.compile of the fused model: inductor between the Triton kernels, which it graph-breaks around). Modes "fwd" and
 "fwd_bwd" as in bench/harness.py. Everything runs under bf16 autocast with fp32 parameters and fp32
 residual stream, as training does. FLOPs are counted by torch.utils.flop_counter on the meta device
 (matmuls, convs and attention; elementwise work is not counted), so TFLOP/s and MFU need no hand formula.
@@ -21,7 +22,7 @@ from harness import BenchFn
 import repae.model  # noqa: F401  (torchvision guard)
 from repae.model.sit import SiTBlock, add_pending, build_sit
 
-MODEL_PROVIDERS = ("fused", "eager", "compile")
+MODEL_PROVIDERS = ("fused", "eager", "compile", "fused_compile")
 H100_BF16_PEAK_TFLOPS = 989.0  # dense bf16 tensor-core peak of the H100 SXM (spec sheet), for MFU
 
 
@@ -65,7 +66,7 @@ def _closure(forward: Callable[[], list[torch.Tensor]], mode: str) -> Callable[[
 
 def _sit_block(provider: str, mode: str, width: dict, batch: int, device: str):
     D, H, T = width["hidden_size"], width["num_heads"], width["tokens"]
-    backend = "triton" if provider == "fused" else "eager"
+    backend = "triton" if provider.startswith("fused") else "eager"
     with torch.device(device):
         block = SiTBlock(D, H, kernel_backend=backend, attn_backend="auto")
         with torch.no_grad():
@@ -76,7 +77,7 @@ def _sit_block(provider: str, mode: str, width: dict, batch: int, device: str):
     c = _randn((batch, D), g, device).requires_grad_(mode == "fwd_bwd")
     y = _randn((batch, T, D), g, device, dtype=torch.bfloat16)
     gate = _randn((batch, D), g, device, dtype=torch.bfloat16)
-    fn = torch.compile(block) if provider == "compile" else block
+    fn = torch.compile(block) if provider.endswith("compile") else block
 
     def forward():
         with _autocast(device):
@@ -87,7 +88,7 @@ def _sit_block(provider: str, mode: str, width: dict, batch: int, device: str):
 
 
 def _sit(provider: str, mode: str, width: dict, batch: int, device: str):
-    backend = "triton" if provider == "fused" else "eager"
+    backend = "triton" if provider.startswith("fused") else "eager"
     with torch.device(device):
         model = build_sit(width["model"], **width.get("overrides", {}), kernel_backend=backend).train()
     cfg = model.config
@@ -97,7 +98,7 @@ def _sit(provider: str, mode: str, width: dict, batch: int, device: str):
     t = torch.rand(batch, generator=g).to(device)
     y = torch.randint(0, cfg.num_classes, (batch,), generator=g).to(device)
     drop = (torch.rand(batch, generator=g) < cfg.class_dropout_prob).to(device)
-    fn = torch.compile(model) if provider == "compile" else model
+    fn = torch.compile(model) if provider.endswith("compile") else model
 
     def forward():
         with _autocast(device):

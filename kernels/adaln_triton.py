@@ -254,6 +254,9 @@ class AdaLNFn(torch.autograd.Function):
         )
 
 
+# PERF: torch.compile graph-breaks here and runs the kernels as they are (dynamo cannot trace the
+# launcher; a torch.library.triton_op registration would remove the break).
+@torch.compiler.disable
 def adaln_triton(x, shift, scale, *, y=None, gate=None, eps=1e-6, out_dtype=None):
     """Triton backend of kernels.adaln: returns (x_new, h)."""
     out_dtype = x.dtype if out_dtype is None else out_dtype

@@ -399,6 +399,9 @@ class LatentBNDenormFn(torch.autograd.Function):
         return latent_bn_denorm_fwd(dz, running_mean, running_var, add_mean=False), None, None
 
 
+# PERF: torch.compile graph-breaks here and runs the kernels as they are (dynamo cannot trace the
+# launcher; a torch.library.triton_op registration would remove the break).
+@torch.compiler.disable
 def latent_bn_triton(z, running_mean, running_var, num_batches_tracked=None, *, training, momentum=0.1, eps=1e-4,
                      stats_hook: StatsHook | None = None):
     """Triton backend of kernels.latent_bn."""
@@ -406,6 +409,7 @@ def latent_bn_triton(z, running_mean, running_var, num_batches_tracked=None, *, 
                             "linear", stats_hook)
 
 
+@torch.compiler.disable
 def latent_bn_interp_triton(z, t, noise, running_mean, running_var, num_batches_tracked=None, *, training,
                             path="linear", momentum=0.1, eps=1e-4, stats_hook: StatsHook | None = None):
     """Triton backend of kernels.latent_bn_interp."""
@@ -413,6 +417,7 @@ def latent_bn_interp_triton(z, t, noise, running_mean, running_var, num_batches_
                             path, stats_hook)
 
 
+@torch.compiler.disable
 def latent_bn_denorm_triton(x, running_mean, running_var):
     """Triton backend of kernels.latent_bn_denorm."""
     return LatentBNDenormFn.apply(x, running_mean, running_var)

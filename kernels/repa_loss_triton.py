@@ -174,6 +174,9 @@ class REPALossFn(torch.autograd.Function):
         return da, db, None
 
 
+# PERF: torch.compile graph-breaks here and runs the kernels as they are (dynamo cannot trace the
+# launcher; a torch.library.triton_op registration would remove the break).
+@torch.compiler.disable
 def repa_loss_triton(zs_tilde: torch.Tensor, zs: torch.Tensor, *, eps: float = 1e-12) -> torch.Tensor:
     """Triton backend of kernels.repa_loss for one encoder."""
     return REPALossFn.apply(zs_tilde, zs, eps)
