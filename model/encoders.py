@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
-from .weights import StateDict, load_weights
+from .weights import StateDict, find_weight_file, load_weights
 
 # cfg letter of "dinov2-vit-<cfg>" -> (timm size word, embed dim)
 DINOV2_ARCHS = {"s": ("small", 384), "b": ("base", 768), "l": ("large", 1024), "g": ("giant", 1536)}
@@ -36,7 +36,6 @@ PATCH_SIZE = 14
 HUB_IMG_SIZE = 518  # the hub models' img_size: pos_embed holds 37x37 patch positions + cls
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
-WEIGHTS_DIR_ENV = "REPAE_WEIGHTS_DIR"
 _URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vit{cfg}14/{file}"
 
 
@@ -149,27 +148,12 @@ def dinov2_official_to_timm(state_dict: StateDict) -> StateDict:
     return out
 
 
-def weight_search_dirs(weights_dir: str | os.PathLike | None = None) -> list[str]:
-    """Where a missing weight file is looked for, in order: weights_dir, $REPAE_WEIGHTS_DIR, torch hub cache."""
-    dirs = [os.fspath(weights_dir)] if weights_dir is not None else []
-    if os.environ.get(WEIGHTS_DIR_ENV):
-        dirs.append(os.environ[WEIGHTS_DIR_ENV])
-    dirs.append(os.path.join(torch.hub.get_dir(), "checkpoints"))  # where torch.hub.load would have saved it
-    return dirs
-
-
 def find_dinov2_weights(spec: EncoderSpec, weights_dir: str | os.PathLike | None = None) -> str:
     """Path of the official weight file for `spec`; FileNotFoundError saying what to put where otherwise."""
-    dirs = weight_search_dirs(weights_dir)
-    for folder in dirs:
-        path = os.path.join(folder, spec.file_name)
-        if os.path.isfile(path):
-            return path
-    raise FileNotFoundError(
-        f"DINOv2 weights for enc_type {spec.enc_type!r} not found: no {spec.file_name} in "
-        f"{', '.join(dirs)}. Put the official file there (e.g. in ${WEIGHTS_DIR_ENV}), or pass its path "
-        f"(weights=...); it is published at {spec.url}. A timm-layout file of {spec.timm_name} works too."
-    )
+    return find_weight_file(
+        spec.file_name, weights_dir, what=f"DINOv2 weights for enc_type {spec.enc_type!r}",
+        hint=f"Or pass its path (weights=...); it is published at {spec.url}. A timm-layout file of "
+             f"{spec.timm_name} works too.")
 
 
 def resample_pos_embed_to_grid(vit: nn.Module, grid: int) -> None:
@@ -199,7 +183,7 @@ def build_dinov2_vit(spec: EncoderSpec, resolution: int = 256, *, weights: str |
                      weights_dir: str | os.PathLike | None = None, pretrained: bool = True) -> nn.Module:
     """timm ViT for `spec`: hub layout, weights loaded strictly, pos_embed resampled, eval, frozen.
 
-    weights: a file (official or timm layout, .pth/.pt/.safetensors); None searches weight_search_dirs()
+    weights: a file (official or timm layout, .pth/.pt/.safetensors); None searches model.weights.weight_search_dirs()
     for the official file name. pretrained=False keeps timm's random init (tests only).
     """
     grid = dinov2_grid_size(resolution)

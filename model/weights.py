@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 KEY_ORDER_META = "repae_key_order"
+WEIGHTS_DIR_ENV = "REPAE_WEIGHTS_DIR"
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 
 StateDict = dict[str, torch.Tensor]
@@ -127,6 +128,29 @@ def load_weights(module: nn.Module, path: str | os.PathLike, *, key: str | None 
         sd = remap(sd)
     load_state_dict_checked(module, sd, strict=strict, source=os.fspath(path))
     return module
+
+
+def weight_search_dirs(weights_dir: str | os.PathLike | None = None) -> list[str]:
+    """Where a pretrained file named by the code is looked for, in order: weights_dir, $REPAE_WEIGHTS_DIR,
+    torch hub's checkpoint cache (where torch.hub / torchvision would have saved it)."""
+    dirs = [os.fspath(weights_dir)] if weights_dir is not None else []
+    if os.environ.get(WEIGHTS_DIR_ENV):
+        dirs.append(os.environ[WEIGHTS_DIR_ENV])
+    dirs.append(os.path.join(torch.hub.get_dir(), "checkpoints"))
+    return dirs
+
+
+def find_weight_file(file_name: str, weights_dir: str | os.PathLike | None = None, *, what: str,
+                     hint: str = "") -> str:
+    """The first `file_name` in weight_search_dirs(); else FileNotFoundError naming the file, every folder
+    searched and `hint` (how to pass a path, where the file is published). Nothing is ever downloaded."""
+    dirs = weight_search_dirs(weights_dir)
+    for folder in dirs:
+        path = os.path.join(folder, file_name)
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(f"{what} not found: no {file_name} in {', '.join(dirs)}. Put the file in one of them "
+                            f"(e.g. ${WEIGHTS_DIR_ENV}). {hint}".rstrip())
 
 
 def save_weights(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
