@@ -27,7 +27,7 @@ PYEOF
 else
   echo "[install] CPU machine: torch pinned to the local CPU wheel via constraints-cpu.txt"
   [ -d "$VENV" ] || "$PY" -m venv "$VENV"
-  "$VENV/bin/pip" install -q --disable-pip-version-check -c constraints-cpu.txt torch==2.13.0 -e . 2>&1 \
+  "$VENV/bin/pip" install -q --disable-pip-version-check -c constraints-cpu.txt torch==2.13.0 -e ".[test]" 2>&1 \
     | grep -v "^WARNING: Location" || true
   "$VENV/bin/python" -c "import torch, repae.kernels; assert '+cpu' in torch.__version__ or not torch.version.cuda, torch.__version__" \
     || { echo "[install] failed: repae or torch does not import" >&2; exit 1; }

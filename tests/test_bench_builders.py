@@ -23,3 +23,25 @@ def test_bench_builder_runs(op, provider, mode):
     assert bench.nbytes > 0
     if mode == "fwd_bwd":
         assert all(t.grad is not None for t in bench.grad_to_none if t.requires_grad)
+
+
+SMALL_MODELS = {
+    "sit_block": ({"hidden_size": 144, "num_heads": 2, "tokens": 16}, 2),
+    "sit": ({"model": "SiT-S/2", "overrides": dict(input_size=8, depth=2, encoder_depth=1, hidden_size=144,
+                                                   num_heads=2, z_dims=(32,), projector_dim=64)}, 2),
+    "vae": ({"vae": "f8d4", "resolution": 32}, 1),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("provider", ["fused", "eager"])
+@pytest.mark.parametrize("kind", list(SMALL_MODELS))
+def test_model_bench_builder_runs(kind, provider, mode):
+    from model_harness import model_case
+
+    width, batch = SMALL_MODELS[kind]
+    bench, flops = model_case(provider, mode, kind, width, batch, device=DEVICE)
+    bench.fn()
+    assert flops > 0
+    if mode == "fwd_bwd":
+        assert all(t.grad is not None for t in bench.grad_to_none)
