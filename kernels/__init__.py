@@ -26,6 +26,7 @@ from ._launch import check_runnable, interpreter_on
 from .adaln_ref import adaln_ref, make_adaln_inputs
 from .latent_bn_ref import (
     StatsHook,
+    allreduce_stats_hook,
     latent_bn_denorm_ref,
     latent_bn_interp_ref,
     latent_bn_ref,
@@ -218,6 +219,7 @@ __all__ = [
     "StatsHook",
     "adaln",
     "adaln_ref",
+    "allreduce_stats_hook",
     "get_backend",
     "latent_bn",
     "latent_bn_denorm",

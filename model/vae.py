@@ -297,11 +297,19 @@ class AutoencoderKL(nn.Module):
         self._check("z", z_BEhw, self.config.embed_dim, 1)
         return self.decoder(self.post_quant_conv(z_BEhw))
 
-    def forward(self, x_B3HW: torch.Tensor, *, sample_posterior: bool = True,
-                generator: torch.Generator | None = None) -> tuple[DiagonalGaussianDistribution, torch.Tensor, torch.Tensor]:
-        """(posterior, z, recon): z = posterior.sample() (mode() when sample_posterior is False)."""
+    def forward(self, x_B3HW: torch.Tensor, *, sample_posterior: bool = True, generator: torch.Generator | None = None,
+                noise: torch.Tensor | None = None) -> tuple[DiagonalGaussianDistribution, torch.Tensor, torch.Tensor]:
+        """(posterior, z, recon): z = mean + std * eps with eps = `noise` when given (fp32, like the mean),
+        else drawn from `generator`; z = mode() when sample_posterior is False."""
         posterior = self.encode(x_B3HW)
-        z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        if not sample_posterior:
+            z = posterior.mode()
+        elif noise is not None:
+            if noise.shape != posterior.mean.shape:
+                raise ValueError(f"VAE: noise {list(noise.shape)} must match the latents {list(posterior.mean.shape)}")
+            z = posterior.mean + posterior.std * noise
+        else:
+            z = posterior.sample(generator)
         return posterior, z, self.decode(z)
 
 
