@@ -87,29 +87,38 @@ def parse_enc_type(enc_type: str) -> list[EncoderSpec]:
 
 
 def _check_resolution(resolution: int) -> int:
-    # PARITY: the original computes 16 * (resolution // 256) for any resolution; anything but a multiple of 256
-    # gives a token count the SiT cannot match (the REPA loss fails later), so it is rejected here instead.
-    if not isinstance(resolution, int) or resolution <= 0 or resolution % 256:
-        raise ValueError(f"resolution {resolution!r}: expected a positive multiple of 256 (256 or 512)")
+    """resolution itself if DINOv2's input side 224 * resolution / 256 is a whole number of 14-px patches.
+
+    That is resolution % 16 == 0: grid = resolution / 16 patches a side, input side S = 14 * grid.
+    """
+    # PARITY: the original computes 224 * (resolution // 256) (16 * (resolution // 256) patches), which equals
+    # this at multiples of 256 and gives a size 0 or a token count no SiT matches otherwise. Any multiple of 16 is
+    # accepted here so small demo runs work (64 px -> 56 px input -> 4x4 = 16 tokens, a SiT/2 on f8 latents).
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution <= 0 or resolution % 16:
+        raise ValueError(f"resolution {resolution!r}: expected a positive multiple of 16 (DINOv2 sees "
+                         f"224 * resolution / 256 px, which must be a multiple of its patch {PATCH_SIZE}), "
+                         "e.g. 256 or 512 (64 for demos)")
     return resolution
 
 
 def dinov2_grid_size(resolution: int) -> int:
-    """Patch grid side for a training resolution: 16 at 256 px, 32 at 512 px."""
-    return 16 * (_check_resolution(resolution) // 256)
+    """Patch grid side for a training resolution: resolution / 16 (16 at 256 px, 32 at 512 px, 4 at 64 px)."""
+    return _check_resolution(resolution) // 16
 
 
 def dinov2_input_size(resolution: int) -> int:
-    """Side of the image DINOv2 sees: 224 at 256 px, 448 at 512 px (= grid * 14)."""
-    return 224 * (_check_resolution(resolution) // 256)
+    """Side of the image DINOv2 sees: 224 * resolution / 256 = grid * 14 (224 at 256 px, 448 at 512, 56 at 64)."""
+    return PATCH_SIZE * dinov2_grid_size(resolution)  # == the original's 224 * (resolution // 256) at k * 256
 
 
 def preprocess_for_dinov2(x_B3RR: torch.Tensor, resolution: int) -> torch.Tensor:
     """Raw pixels in [0, 255] (uint8 or float) -> ImageNet-normalized, bicubic-resized fp32 [B, 3, S, S].
 
     Same ops in the same order as REPA-E's preprocess_raw_image: x / 255, torchvision Normalize (sub mean, div
-    std), F.interpolate(size=224 * (resolution // 256), bicubic, align_corners=False, no antialias). Always fp32:
-    autocast is switched off here (the ops are fp32 in the original too, because x / 255 is fp32).
+    std), F.interpolate(size=dinov2_input_size(resolution), bicubic, align_corners=False, no antialias); the size
+    is the original's 224 * (resolution // 256) at multiples of 256, and 224 * resolution / 256 for the other
+    multiples of 16 allowed here. Always fp32: autocast is switched off here (the ops are fp32 in the original
+    too, because x / 255 is fp32).
     """
     if x_B3RR.ndim != 4 or x_B3RR.shape[1] != 3:
         raise ValueError(f"preprocess_for_dinov2: images of shape {tuple(x_B3RR.shape)}, expected [B, 3, H, W]")

@@ -13,6 +13,8 @@ reordered math (normalize after resize) to 1e-5, and the register model, whose c
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import repae.model  # noqa: F401  (torchvision guard, before timm)
 import timm
@@ -21,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from repae.model.encoders import (
     DINOv2Encoder,
+    dinov2_grid_size,
+    dinov2_input_size,
     dinov2_official_to_timm,
     load_encoders,
     parse_enc_type,
@@ -34,9 +38,10 @@ STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 
 def preprocess_ref(x, resolution, normalize_first=True):
-    """REPA-E's preprocess_raw_image for DINOv2, without torchvision."""
+    """REPA-E's preprocess_raw_image for DINOv2, without torchvision (size 224 * resolution / 256, exact)."""
     x = x.float() / 255.0
-    size = 224 * (resolution // 256)
+    assert (224 * resolution) % (256 * 14) == 0
+    size = 224 * resolution // 256
     if normalize_first:
         return F.interpolate((x - MEAN) / STD, size=size, mode="bicubic", align_corners=False)
     return (F.interpolate(x, size=size, mode="bicubic", align_corners=False) - MEAN) / STD
@@ -93,9 +98,9 @@ def vit_s_loaded(vit_s_official):
 # ---------------------------------------------------------------- preprocessing
 
 
-@pytest.mark.parametrize("resolution", [256, 512])
+@pytest.mark.parametrize("resolution", [256, 512, 64])
 def test_preprocess_matches_reference(resolution):
-    """x / 255, normalize, bicubic to 224 (448 at 512 px) without antialias, fp32, bit for bit."""
+    """x / 255, normalize, bicubic to 224 (448 at 512 px, 56 at 64 px) without antialias, fp32, bit for bit."""
     x = images(2, resolution)
     got = preprocess_for_dinov2(x, resolution)
     size = 224 * resolution // 256
@@ -115,6 +120,39 @@ def test_preprocess_rejects_bad_input():
         preprocess_for_dinov2(torch.zeros(1, 4, 256, 256), 256)
     with pytest.raises(ValueError, match="300"):
         preprocess_for_dinov2(images(1, 256), 300)
+
+
+@pytest.mark.parametrize("resolution,grid", [(256, 16), (512, 32), (1024, 64), (64, 4), (128, 8), (16, 1), (96, 6)])
+def test_resolution_grid_and_input_size(resolution, grid):
+    """Input side 224 * resolution / 256 = 14 * grid; at multiples of 256 exactly the original's 224 * (res // 256)."""
+    assert dinov2_grid_size(resolution) == grid
+    assert dinov2_input_size(resolution) == 14 * grid == 224 * resolution // 256
+    if resolution % 256 == 0:
+        assert dinov2_input_size(resolution) == 224 * (resolution // 256)
+        assert dinov2_grid_size(resolution) == 16 * (resolution // 256)
+
+
+@pytest.mark.parametrize("bad", [0, -256, 300, 100, 8, 264.0, True, "256"])
+def test_bad_resolution_is_a_value_error(bad):
+    """Not a positive multiple of 16 (so 224 * res / 256 is no multiple of the patch 14): ValueError naming it."""
+    for fn in (dinov2_grid_size, dinov2_input_size):
+        with pytest.raises(ValueError, match=re.escape(f"resolution {bad!r}")):
+            fn(bad)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        load_encoders("dinov2-vit-s", bad, pretrained=False)
+
+
+def test_demo_resolution_64_gives_16_tokens():
+    """64 px: 56 px DINOv2 input, a 4x4 grid = 16 tokens, the token count of a SiT/2 on 8x8 f8 latents."""
+    torch.manual_seed(0)
+    enc = DINOv2Encoder("dinov2-vit-s", 64, pretrained=False)
+    assert enc.vit.pos_embed.shape == (1, 1 + 16, 384) and enc.vit.patch_embed.grid_size == (4, 4)
+    x = images(2, 64, seed=4)
+    got = enc(x)
+    assert got.shape == (2, 16, 384) and got.dtype == torch.float32
+    with torch.no_grad():
+        expected = enc.vit.forward_features(preprocess_ref(x, 64))[:, 1:]
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------- enc_type
