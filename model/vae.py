@@ -1,16 +1,17 @@
-"""The VAE of REPA-E (spec §3): LDM/CompVis `AutoencoderKL`, f8d4 (SD-VAE) and f16d32 (IN-VAE, VA-VAE).
+"""The VAE of REPA-E (spec section 3): LDM/CompVis `AutoencoderKL`, f8d4 (SD-VAE) and f16d32 (IN-VAE, VA-VAE).
 
     vae = build_vae("f8d4")                              # 83,653,863 parameters, LDM state-dict keys
     load_vae_weights(vae, "e2e-sdvae.pt")               # LDM file, or a diffusers AutoencoderKL file (remapped)
     posterior, z, recon = vae(x)                        # x in [-1, 1], [B, 3, 256, 256]; z [B, 4, 32, 32]
-    bias_C, scale_C = load_latents_stats("e2e-sdvae-latents-stats.pt")
+    bias_C, scale_C = load_latents_stats("e2e-sdvae-latents-stats.pt")   # normalise: (z - bias) * scale
 
 Holds: the encoder/decoder building blocks, DiagonalGaussianDistribution, AutoencoderKL, the VAE
 registry, the diffusers -> LDM key remap and the latents-stats file format. Must not hold losses (the
-VAE loss lives in model/losses.py) or a weight-file reader (model/weights.py reads every file).
+VAE loss lives in model/losses.py), the latent BatchNorm (kernels/) or a weight-file reader
+(model/weights.py reads and writes every file).
 """
 
-# B batch, C channels, H/W height/width, E latent channels (embed_dim)
+# B batch, C channels, H/W image height/width, h/w latent height/width, E latent channels (embed_dim)
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .weights import StateDict, load_state_dict_checked, read_weight_file, save_weights, state_dict_from
+from .weights import StateDict, load_weights, read_weight_file, save_weights
 
 # ---------------------------------------------------------------------------------------------------
 # Config and registry
@@ -35,7 +36,7 @@ class VAEConfig:
     """Shape of an LDM AutoencoderKL (REPA-E: ch 128, 2 res blocks, attention at 16x16, 256 px)."""
 
     embed_dim: int = 4
-    """Latent channels E (the encoder outputs 2E: mean and log-variance)."""
+    """Latent channels E (the encoder outputs 2E: mean and log-variance, `double_z`)."""
     ch_mult: tuple[int, ...] = (1, 2, 4, 4)
     """Channel multiplier per level; len(ch_mult) - 1 downsamplings by 2."""
     ch: int = 128
@@ -52,10 +53,21 @@ class VAEConfig:
     """ResnetBlock dropout (0 in REPA-E)."""
 
     def __post_init__(self):
-        if self.embed_dim < 1 or self.ch < 1 or self.num_res_blocks < 1 or not self.ch_mult:
-            raise ValueError(f"VAEConfig: embed_dim, ch, num_res_blocks must be >= 1 and ch_mult non-empty, got {self}")
+        for name in ("embed_dim", "ch", "num_res_blocks", "resolution", "in_channels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"VAEConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.ch_mult or any(m < 1 for m in self.ch_mult):
+            raise ValueError(f"VAEConfig.ch_mult must be a non-empty list of ints >= 1, got {self.ch_mult}")
         if any(self.ch * m % 32 for m in self.ch_mult):
-            raise ValueError(f"VAEConfig: every level width ch*mult must be divisible by 32 (GroupNorm), got {self}")
+            raise ValueError(f"VAEConfig.ch_mult: every level width ch * mult must be divisible by 32 (GroupNorm "
+                             f"groups), got ch={self.ch}, ch_mult={self.ch_mult}")
+        if self.resolution % self.factor:
+            raise ValueError(f"VAEConfig.resolution={self.resolution} must be a multiple of the factor {self.factor}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"VAEConfig.dropout must be in [0, 1), got {self.dropout}")
+        # JSON configs give lists; keep the frozen config hashable.
+        object.__setattr__(self, "ch_mult", tuple(self.ch_mult))
+        object.__setattr__(self, "attn_resolutions", tuple(self.attn_resolutions))
 
     @property
     def factor(self) -> int:
@@ -64,8 +76,8 @@ class VAEConfig:
 
 
 VAE_CONFIGS: dict[str, VAEConfig] = {
-    "f8d4": VAEConfig(embed_dim=4, ch_mult=(1, 2, 4, 4)),
-    "f16d32": VAEConfig(embed_dim=32, ch_mult=(1, 1, 2, 2, 4)),
+    "f8d4": VAEConfig(embed_dim=4, ch_mult=(1, 2, 4, 4)),  # SD-VAE layout
+    "f16d32": VAEConfig(embed_dim=32, ch_mult=(1, 1, 2, 2, 4)),  # IN-VAE / VA-VAE layout
 }
 
 
@@ -74,13 +86,19 @@ VAE_CONFIGS: dict[str, VAEConfig] = {
 # ---------------------------------------------------------------------------------------------------
 
 
-def Normalize(channels: int) -> nn.GroupNorm:  # noqa: N802 (the original's name)
+def Normalize(channels: int) -> nn.GroupNorm:
+    """GroupNorm(32, eps=1e-6, affine): the original's `Normalize`."""
     return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
 
 
 def swish(x: torch.Tensor) -> torch.Tensor:
-    """x * sigmoid(x), as the original writes it (same function as F.silu)."""
-    return x * torch.sigmoid(x)
+    """x * sigmoid(x).
+
+    PARITY: the original writes `x * torch.sigmoid(x)`; F.silu is the same function (equal up to rounding).
+    PERF: one kernel instead of two, and autograd saves only x instead of x and sigmoid(x), which at
+    256 px is one full-resolution activation less per ResnetBlock in the VAE backward.
+    """
+    return F.silu(x)
 
 
 class Upsample(nn.Module):
@@ -95,7 +113,7 @@ class Upsample(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Pad (0, 1, 0, 1) with zeros, then conv 3x3 stride 2 without padding."""
+    """Pad (0, 1, 0, 1) with zeros (right and bottom only), then conv 3x3 stride 2 without padding."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -116,11 +134,11 @@ class ResnetBlock(nn.Module):
         self.norm2 = Normalize(out_channels)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
-        if in_channels != out_channels:
+        if in_channels != out_channels:  # the key exists only then (LDM: nin_shortcut, diffusers: conv_shortcut)
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(swish(self.norm1(x)))
+        h = self.conv1(swish(self.norm1(x)))  # (B, C_out, H, W)
         h = self.conv2(self.dropout(swish(self.norm2(h))))
         if self.in_channels != self.out_channels:
             x = self.nin_shortcut(x)
@@ -138,13 +156,14 @@ class AttnBlock(nn.Module):
         self.v = nn.Conv2d(channels, channels, kernel_size=1)
         self.proj_out = nn.Conv2d(channels, channels, kernel_size=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.norm(x)
+    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x_BCHW)
         B, C, H, W = h.shape
+        # (B, C, H, W) -> (B, 1 head, HW, C) for q, k and v
         q, k, v = (conv(h).reshape(B, 1, C, H * W).transpose(-1, -2) for conv in (self.q, self.k, self.v))
         # PARITY: the original writes bmm + softmax + bmm; SDPA is the same math (scale C^-0.5 is its default).
         out = F.scaled_dot_product_attention(q, k, v)  # (B, 1, HW, C)
-        return x + self.proj_out(out.transpose(-1, -2).reshape(B, C, H, W))
+        return x_BCHW + self.proj_out(out.transpose(-1, -2).reshape(B, C, H, W))
 
 
 def _level(blocks: Sequence[nn.Module], attns: Sequence[nn.Module]) -> nn.Module:
@@ -153,6 +172,15 @@ def _level(blocks: Sequence[nn.Module], attns: Sequence[nn.Module]) -> nn.Module
     level.block = nn.ModuleList(blocks)
     level.attn = nn.ModuleList(attns)
     return level
+
+
+def _mid(channels: int, dropout: float) -> nn.Module:
+    """block_1, attn_1, block_2 at the lowest resolution (encoder and decoder alike)."""
+    mid = nn.Module()
+    mid.block_1 = ResnetBlock(channels, channels, dropout)
+    mid.attn_1 = AttnBlock(channels)
+    mid.block_2 = ResnetBlock(channels, channels, dropout)
+    return mid
 
 
 class Encoder(nn.Module):
@@ -177,15 +205,12 @@ class Encoder(nn.Module):
                 level.downsample = Downsample(block_in)
                 res //= 2
             self.down.append(level)
-        self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, cfg.dropout)
-        self.mid.attn_1 = AttnBlock(block_in)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, cfg.dropout)
+        self.mid = _mid(block_in, cfg.dropout)
         self.norm_out = Normalize(block_in)
         self.conv_out = nn.Conv2d(block_in, 2 * cfg.embed_dim, kernel_size=3, stride=1, padding=1)
 
     def forward(self, x_B3HW: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(x_B3HW)
+        h = self.conv_in(x_B3HW)  # (B, ch, H, W)
         for i, level in enumerate(self.down):
             for j, block in enumerate(level.block):
                 h = block(h)
@@ -193,8 +218,8 @@ class Encoder(nn.Module):
                     h = level.attn[j](h)
             if i != len(self.down) - 1:
                 h = level.downsample(h)
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        return self.conv_out(swish(self.norm_out(h)))
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))  # (B, ch * ch_mult[-1], h, w)
+        return self.conv_out(swish(self.norm_out(h)))  # (B, 2E, h, w)
 
 
 class Decoder(nn.Module):
@@ -206,10 +231,8 @@ class Decoder(nn.Module):
         block_in = ch * mult[-1]
         res = cfg.resolution // 2 ** (L - 1)
         self.conv_in = nn.Conv2d(cfg.embed_dim, block_in, kernel_size=3, stride=1, padding=1)
-        self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, cfg.dropout)
-        self.mid.attn_1 = AttnBlock(block_in)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, cfg.dropout)
+        self.mid = _mid(block_in, cfg.dropout)
+        # Built from the lowest resolution up, stored so that `up.0` is the highest (the LDM key order).
         levels = []
         for i in reversed(range(L)):
             block_out = ch * mult[i]
@@ -223,13 +246,13 @@ class Decoder(nn.Module):
             if i != 0:
                 level.upsample = Upsample(block_in)
                 res *= 2
-            levels.insert(0, level)  # up.0 is the highest resolution, as in the LDM keys
+            levels.insert(0, level)
         self.up = nn.ModuleList(levels)
         self.norm_out = Normalize(block_in)
         self.conv_out = nn.Conv2d(block_in, cfg.in_channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, z_BEhw: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(z_BEhw)
+        h = self.conv_in(z_BEhw)  # (B, ch * ch_mult[-1], h, w)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         for i in reversed(range(len(self.up))):
             level = self.up[i]
@@ -239,7 +262,7 @@ class Decoder(nn.Module):
                     h = level.attn[j](h)
             if i != 0:
                 h = level.upsample(h)
-        return self.conv_out(swish(self.norm_out(h)))
+        return self.conv_out(swish(self.norm_out(h)))  # (B, 3, H, W)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -252,13 +275,14 @@ class DiagonalGaussianDistribution:
 
     def __init__(self, moments_B2Ehw: torch.Tensor):
         self.moments = moments_B2Ehw
-        self.mean, self.logvar = torch.chunk(moments_B2Ehw, 2, dim=1)
-        self.logvar = torch.clamp(self.logvar, -30.0, 20.0)
+        self.mean, logvar = torch.chunk(moments_B2Ehw, 2, dim=1)  # (B, E, h, w) each
+        self.logvar = torch.clamp(logvar, -30.0, 20.0)
         self.std = torch.exp(0.5 * self.logvar)
         self.var = torch.exp(self.logvar)
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """mean + std * eps, eps ~ N(0, 1) in fp32 on the latents' device (from `generator` when given)."""
+        # PARITY: the original draws torch.randn(mean.shape) from the global RNG; the math is the same.
         eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=torch.float32)
         return self.mean + self.std * eps
 
@@ -275,36 +299,41 @@ class AutoencoderKL(nn.Module):
 
     def __init__(self, config: VAEConfig | None = None):
         super().__init__()
-        self.config = cfg = config or VAE_CONFIGS["f8d4"]
+        self.config = cfg = config if config is not None else VAE_CONFIGS["f8d4"]
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
         self.quant_conv = nn.Conv2d(2 * cfg.embed_dim, 2 * cfg.embed_dim, kernel_size=1)
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.embed_dim, kernel_size=1)
 
     def _check(self, name: str, x: torch.Tensor, channels: int, factor: int) -> None:
+        """ValueError unless x is a float [B, channels, H, W] with H, W multiples of factor."""
         if x.dim() != 4 or x.shape[1] != channels or x.shape[2] % factor or x.shape[3] % factor:
             raise ValueError(f"VAE: {name} must be [B, {channels}, H, W] with H, W multiples of {factor}, got "
                              f"{list(x.shape)}")
         if not x.is_floating_point():
-            raise ValueError(f"VAE: {name} must be a float tensor in [-1, 1] (uint8 / 127.5 - 1), got {x.dtype}")
+            raise ValueError(f"VAE: {name} must be a float tensor in [-1, 1] (uint8 / 127.5 - 1), got {x.dtype} "
+                             f"{list(x.shape)}")
 
     def encode(self, x_B3HW: torch.Tensor) -> DiagonalGaussianDistribution:
+        """Posterior over the [B, E, H/f, W/f] latents of images in [-1, 1]."""
         self._check("x", x_B3HW, self.config.in_channels, self.config.factor)
         return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x_B3HW)))
 
     def decode(self, z_BEhw: torch.Tensor) -> torch.Tensor:
-        """Image in [-1, 1] (not clamped). PARITY: the original wraps it as `.sample` of a dict; this returns it."""
+        """Image in [-1, 1] (not clamped), [B, 3, h*f, w*f]."""
+        # PARITY: the original returns a dict-like with `.sample`; this returns that tensor itself.
         self._check("z", z_BEhw, self.config.embed_dim, 1)
         return self.decoder(self.post_quant_conv(z_BEhw))
 
     def forward(self, x_B3HW: torch.Tensor, *, sample_posterior: bool = True, generator: torch.Generator | None = None,
                 noise: torch.Tensor | None = None) -> tuple[DiagonalGaussianDistribution, torch.Tensor, torch.Tensor]:
         """(posterior, z, recon): z = mean + std * eps with eps = `noise` when given (fp32, like the mean),
-        else drawn from `generator`; z = mode() when sample_posterior is False."""
+        else drawn from `generator` (posterior.sample); z = mode() when sample_posterior is False."""
         posterior = self.encode(x_B3HW)
         if not sample_posterior:
             z = posterior.mode()
         elif noise is not None:
+            # Noise drawn by the caller (per-sample streams that do not depend on the world size).
             if noise.shape != posterior.mean.shape:
                 raise ValueError(f"VAE: noise {list(noise.shape)} must match the latents {list(posterior.mean.shape)}")
             z = posterior.mean + posterior.std * noise
@@ -314,7 +343,7 @@ class AutoencoderKL(nn.Module):
 
 
 def build_vae(name: str | VAEConfig = "f8d4") -> AutoencoderKL:
-    """AutoencoderKL from a registry name ("f8d4", "f16d32") or a VAEConfig."""
+    """AutoencoderKL from a registry name ("f8d4", "f16d32") or a VAEConfig (randomly initialized)."""
     if isinstance(name, VAEConfig):
         return AutoencoderKL(name)
     if name not in VAE_CONFIGS:
@@ -326,7 +355,7 @@ def build_vae(name: str | VAEConfig = "f8d4") -> AutoencoderKL:
 # diffusers AutoencoderKL files -> LDM keys
 # ---------------------------------------------------------------------------------------------------
 
-# (diffusers pattern, LDM replacement), applied to the key after the up-block index is flipped.
+# (diffusers pattern, LDM replacement), applied in order after the decoder up-block index is flipped.
 _DIFFUSERS_RULES = [
     (r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out."),
     (r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r"encoder.down.\1.block.\2."),
@@ -346,7 +375,17 @@ _DIFFUSERS_RULES = [
     (r"\.attn(_1|\.\d+)\.(to_v|value)\.", r".attn\1.v."),
     (r"\.attn(_1|\.\d+)\.(to_out\.0|proj_attn)\.", r".attn\1.proj_out."),
 ]
-_LDM_KEY = re.compile(r"^(encoder|decoder)\.(conv_in|conv_out|norm_out|mid|down|up)\.|^(quant_conv|post_quant_conv)\.")
+# Every name an LDM AutoencoderKL key can have (spec section 3); a remapped key must match one.
+_RESNET = r"block(_[12]|\.\d+)\.(norm1|conv1|norm2|conv2|nin_shortcut)"
+_ATTN = r"attn(_1|\.\d+)\.(norm|q|k|v|proj_out)"
+_LDM_KEY = re.compile(
+    r"^(?:(encoder|decoder)\.(conv_in|norm_out|conv_out)"
+    rf"|(encoder|decoder)\.mid\.({_RESNET}|{_ATTN})"
+    rf"|encoder\.down\.\d+\.({_RESNET}|{_ATTN}|downsample\.conv)"
+    rf"|decoder\.up\.\d+\.({_RESNET}|{_ATTN}|upsample\.conv)"
+    r"|quant_conv|post_quant_conv)\.(weight|bias)$"
+)
+_ATTN_PROJ_WEIGHT = re.compile(r"\.attn(_1|\.\d+)\.(q|k|v|proj_out)\.weight$")
 
 
 def is_diffusers_state_dict(sd: StateDict) -> bool:
@@ -357,41 +396,44 @@ def is_diffusers_state_dict(sd: StateDict) -> bool:
 def diffusers_to_ldm(sd: StateDict) -> StateDict:
     """Rename a diffusers AutoencoderKL state dict to LDM keys; attention Linear [C, C] -> conv [C, C, 1, 1].
 
-    diffusers numbers decoder up_blocks from the lowest resolution; LDM's `up.{i}` from the highest, so
-    index i becomes L - 1 - i. Keys that map to no LDM name raise ValueError naming them.
+    diffusers numbers decoder up_blocks from the lowest resolution, LDM's `up.{i}` from the highest, so
+    up_blocks.i becomes up.{L-1-i}. Keys that map to no LDM name raise ValueError naming them. Tensors
+    are not copied (the attention weights are views).
     """
     ups = [int(m.group(1)) for k in sd if (m := re.match(r"^decoder\.up_blocks\.(\d+)\.", k))]
     num_up = max(ups) + 1 if ups else 0
     out, unknown = {}, []
     for key, value in sd.items():
-        new = re.sub(r"^decoder\.up_blocks\.(\d+)\.", lambda m: f"decoder.up_blocks.{num_up - 1 - int(m.group(1))}.", key)
+        new = re.sub(r"^decoder\.up_blocks\.(\d+)\.", lambda m: f"decoder.up_blocks.{num_up - 1 - int(m.group(1))}.",
+                     key)
         for pattern, repl in _DIFFUSERS_RULES:
             new = re.sub(pattern, repl, new)
         if not _LDM_KEY.match(new):
             unknown.append(key)
             continue
-        if re.search(r"\.attn(_1|\.\d+)\.(q|k|v|proj_out)\.weight$", new) and value.dim() == 2:
-            value = value[:, :, None, None]
+        if _ATTN_PROJ_WEIGHT.search(new) and value.dim() == 2:
+            value = value[:, :, None, None]  # Linear [C, C] -> 1x1 conv [C, C, 1, 1]
         out[new] = value
     if unknown:
         raise ValueError(f"diffusers VAE state dict: {len(unknown)} keys have no LDM name: {unknown[:10]}")
     return out
 
 
+def _ldm_layout(sd: StateDict) -> StateDict:
+    """The state dict in LDM names: diffusers layouts are remapped, LDM ones returned as they are."""
+    return diffusers_to_ldm(sd) if is_diffusers_state_dict(sd) else sd
+
+
 def load_vae_weights(vae: AutoencoderKL, path: str | os.PathLike, *, key: str | None = None,
                      strict: bool = True) -> AutoencoderKL:
     """Load an LDM-format (`.pt` / `.safetensors`, or a checkpoint's `vae` entry with key="vae") or a
-    diffusers-format file into `vae`, strictly by default (spec §9.1-5: the original's strict=False
+    diffusers-format file into `vae`, strictly by default (spec section 9.1-5: the original's strict=False
     silently left the VAE random on a diffusers file)."""
-    sd = state_dict_from(read_weight_file(path, what="VAE weight file"), key, source=os.fspath(path))
-    if is_diffusers_state_dict(sd):
-        sd = diffusers_to_ldm(sd)
-    load_state_dict_checked(vae, sd, strict=strict, source=os.fspath(path))
-    return vae
+    return load_weights(vae, path, key=key, strict=strict, remap=_ldm_layout, what="VAE weight file")
 
 
 # ---------------------------------------------------------------------------------------------------
-# Latents-stats files: `<vae>-latents-stats.pt` = {latents_scale, latents_bias}
+# Latents-stats files: `<vae>-latents-stats.pt` = {latents_scale, latents_bias}, normalise (z - bias) * scale
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -401,20 +443,35 @@ def latents_stats_path(vae_path: str | os.PathLike) -> str:
     return f"{root}-latents-stats{ext or '.pt'}"
 
 
+def _per_channel(t: torch.Tensor, name: str, source: str) -> torch.Tensor:
+    """[C] or [1, C, 1, 1] -> fp32 [C]; any other shape is a ValueError naming it."""
+    if not (t.dim() == 1 or (t.dim() == 4 and t.shape[0] == t.shape[2] == t.shape[3] == 1)):
+        raise ValueError(f"{source}: {name} must be [C] or [1, C, 1, 1], got {list(t.shape)}")
+    return t.detach().float().reshape(-1)
+
+
 def load_latents_stats(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
-    """(bias [C], scale [C]) from a latents-stats file; normalise with (z - bias) * scale."""
+    """(bias [C], scale [C]) fp32 from a latents-stats file; normalise with (z - bias) * scale."""
+    source = f"latents-stats file {os.fspath(path)}"
     obj = read_weight_file(path, what="latents-stats file")
     missing = [k for k in ("latents_bias", "latents_scale") if k not in obj]
     if missing:
-        raise ValueError(f"latents-stats file {os.fspath(path)} lacks {missing}; it holds {sorted(obj)}")
-    bias, scale = obj["latents_bias"].float().reshape(-1), obj["latents_scale"].float().reshape(-1)
+        raise ValueError(f"{source} lacks {missing}; it holds {sorted(obj)}")
+    bias = _per_channel(obj["latents_bias"], "latents_bias", source)
+    scale = _per_channel(obj["latents_scale"], "latents_scale", source)
     if bias.shape != scale.shape:
-        raise ValueError(f"latents-stats file {os.fspath(path)}: bias {list(bias.shape)} and scale "
-                         f"{list(scale.shape)} differ")
+        raise ValueError(f"{source}: latents_bias {list(bias.shape)} and latents_scale {list(scale.shape)} differ")
     return bias, scale
 
 
 def save_latents_stats(path: str | os.PathLike, bias: torch.Tensor, scale: torch.Tensor) -> None:
-    """Write {latents_scale, latents_bias} as [1, C, 1, 1] fp32 tensors, as save_vae_weights.py does."""
-    save_weights({"latents_scale": scale.detach().float().reshape(1, -1, 1, 1).cpu(),
-                  "latents_bias": bias.detach().float().reshape(1, -1, 1, 1).cpu()}, path)
+    """Write {latents_scale, latents_bias} as [1, C, 1, 1] fp32 tensors, as save_vae_weights.py does.
+
+    `.pt` is the original's format; `.safetensors` also works (both are read by load_latents_stats).
+    """
+    source = f"save_latents_stats({os.fspath(path)})"
+    bias_C, scale_C = _per_channel(bias, "bias", source), _per_channel(scale, "scale", source)
+    if bias_C.shape != scale_C.shape:
+        raise ValueError(f"{source}: bias {list(bias.shape)} and scale {list(scale.shape)} differ in channels")
+    save_weights({"latents_scale": scale_C.cpu().reshape(1, -1, 1, 1),
+                  "latents_bias": bias_C.cpu().reshape(1, -1, 1, 1)}, path)
