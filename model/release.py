@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
 from .discriminator import build_discriminator
 from .sit import SiT, build_sit, sit_config_from_args
-from .vae import build_vae
+from .vae import VAE_CONFIGS, build_vae
 from .weights import load_state_dict_checked, read_weight_file, state_dict_from
 
 DEFAULT_VAE = "f8d4"
@@ -62,7 +62,12 @@ def build_from_args(args: dict) -> ReleasedModels:
     """SiT, VAE and discriminator shaped as the run's arguments say (REPA-E names: model, vae, resolution,
     enc_type, encoder_depth, cfg_prob, bn_momentum, qk_norm, ...), with fresh weights."""
     vae_name = args.get("vae", DEFAULT_VAE)
-    return ReleasedModels(sit=build_sit(sit_config_from_args(args)), vae=build_vae(vae_name),
+    if vae_name not in VAE_CONFIGS:
+        raise ValueError(f"args: unknown vae {vae_name!r}; known: {sorted(VAE_CONFIGS)}")
+    # Runs exported by repae carry their whole config: a non-registry (tiny) VAE is rebuilt from it.
+    overrides = args.get("repae_config", {}).get("vae", {}).get("overrides", {})
+    vae_cfg = replace(VAE_CONFIGS[vae_name], **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+    return ReleasedModels(sit=build_sit(sit_config_from_args(args)), vae=build_vae(vae_cfg),
                           discriminator=build_discriminator(), args=dict(args))
 
 

@@ -19,7 +19,7 @@ if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
     || { echo "[install] editable install failed" >&2; exit 1; }
   "$VENV/bin/python" - <<'PYEOF'
 import importlib.util
-missing = [m for m in ("triton", "timm", "lpips", "deepspeed", "safetensors", "tqdm", "pytest", "pytest_benchmark")
+missing = [m for m in ("triton", "timm", "lpips", "deepspeed", "safetensors", "tqdm", "pytest", "pytest_benchmark", "tensorboard", "PIL")
            if importlib.util.find_spec(m) is None]
 if missing:
     print(f"[install] not installed here (install them if you need them): {', '.join(missing)}")

@@ -1,0 +1,106 @@
+"""Export a run's checkpoint in the official REPA-E layout, plus the E2E-VAE files (spec §1.8).
+
+    python -m repae.train.export --run-dir exps/sitxl-repae [--step 400000] [--out exps/sitxl-repae/export]
+
+Writes into --out:
+- `checkpoints/<step:07d>.pt`: {model, ema, vae, discriminator, opt, opt_vae, opt_disc, args (a plain
+  dict, so `torch.load(weights_only=True)` works), steps}; `args.json` next to `checkpoints/`, so
+  `repae.model.load_released_checkpoint` and the original generate.py read it.
+- `e2e-vae.pt` (+ .safetensors), `e2e-vae-latents-stats.pt` taken from the EMA latent BN
+  (latents_scale = running_var^-1/2, latents_bias = running_mean, [1, C, 1, 1]) and
+  `e2e-vae-discriminator-ckpt.pt`; `sit-ema.safetensors`.
+The optimizer entries are empty dicts: ZeRO keeps AdamW's state partitioned and flattened, which is not
+torch's AdamW layout (resume from our own checkpoints instead). This file only reads and writes files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from repae.model.vae import save_latents_stats
+from repae.model.weights import save_weights
+
+from .trainer import CKPT_DIR
+
+
+def _engine_weights(ckpt_dir: str, tag: str) -> dict:
+    plain = os.path.join(ckpt_dir, f"{tag}.pt")
+    if os.path.isfile(plain):  # PlainEngine checkpoints
+        return torch.load(plain, map_location="cpu", weights_only=True)["module"]
+    path = os.path.join(ckpt_dir, tag, "mp_rank_00_model_states.pt")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no weights for {tag} in {ckpt_dir} (expected {path})")
+    # DeepSpeed's own file holds more than tensors (its config, versions): trusted, written by this run.
+    return torch.load(path, map_location="cpu", weights_only=False)["module"]
+
+
+def official_args(config: dict) -> dict:
+    """REPA-E's argument names for our config, plus the SiT constructor names our builders read."""
+    sit, vae, sched = config["sit"], config["vae"], config["schedule"]
+    args = {"model": sit["name"], "vae": vae["name"], "resolution": config["data"]["resolution"],
+            "enc_type": config["encoder"]["enc_type"], "encoder_depth": sit["encoder_depth"],
+            "projector_dim": sit["projector_dim"], "cfg_prob": sit["class_dropout_prob"],
+            "num_classes": sit["num_classes"], "bn_momentum": sit["bn_momentum"], "qk_norm": sit["qk_norm"],
+            "path_type": sit["path_type"], "proj_coeff": config["loss"]["proj_coeff"],
+            "vae_align_proj_coeff": config["loss"]["vae_align_proj_coeff"], "batch_size": sched["global_batch_size"],
+            "learning_rate": config["optim_sit"]["lr"], "vae_learning_rate": config["optim_vae"]["lr"],
+            "disc_learning_rate": config["optim_disc"]["lr"], "seed": sched["seed"],
+            "mixed_precision": sched["precision"], "weighting": sched["weighting"], "prediction": "v"}
+    args.update(sit.get("overrides", {}))
+    args["repae_config"] = config
+    return args
+
+
+def export_run(run_dir: str, out: str, step: int | None = None) -> str:
+    root = os.path.join(run_dir, CKPT_DIR)
+    if step is None:
+        latest = os.path.join(root, "latest")
+        if not os.path.isfile(latest):
+            raise FileNotFoundError(f"no checkpoint in {root} (no `latest` file)")
+        name = open(latest).read().strip()
+    else:
+        name = f"step{step:07d}"
+    ckpt = os.path.join(root, name)
+    if not os.path.isdir(ckpt):
+        raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
+    state = torch.load(os.path.join(ckpt, "trainer.pt"), map_location="cpu", weights_only=False)
+    steps, ema = state["step"], state["ema"]
+    args = official_args(state["config"])
+    official = {"model": _engine_weights(ckpt, "sit"), "ema": ema, "vae": _engine_weights(ckpt, "vae"),
+                "discriminator": _engine_weights(ckpt, "disc"), "opt": {}, "opt_vae": {}, "opt_disc": {},
+                "args": args, "steps": steps}
+    os.makedirs(os.path.join(out, "checkpoints"), exist_ok=True)
+    save_weights(official, os.path.join(out, "checkpoints", f"{steps:07d}.pt"))
+    with open(os.path.join(out, "args.json"), "w") as f:
+        json.dump(args, f, indent=2)
+    save_weights(official["vae"], os.path.join(out, "e2e-vae.pt"))
+    save_weights(official["vae"], os.path.join(out, "e2e-vae.safetensors"))
+    save_weights(official["discriminator"], os.path.join(out, "e2e-vae-discriminator-ckpt.pt"))
+    save_weights(ema, os.path.join(out, "sit-ema.safetensors"))
+    save_latents_stats(os.path.join(out, "e2e-vae-latents-stats.pt"), ema["bn.running_mean"],
+                       ema["bn.running_var"].rsqrt())
+    return os.path.join(out, "checkpoints", f"{steps:07d}.pt")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="export a repae run in the official REPA-E checkpoint layout")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
+    p.add_argument("--out", default=None, help="default: <run-dir>/export")
+    a = p.parse_args(argv)
+    try:
+        path = export_run(a.run_dir, a.out or os.path.join(a.run_dir, "export"), a.step)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""One REPA-E training step (spec §1.2-§1.5), written to read like the algorithm.
+
+    0  targets   DINOv2 patch tokens of the images (no grad)
+    1  VAE       posterior, z, x_hat = VAE(x)
+    2  VAE loss  L1 + LPIPS + KL + GAN(frozen D) + 1.5 * align(SiT frozen, BN running stats, no dropout,
+                 blocks up to the projector), backward, VAE update
+    3  D         hinge loss on x and sg(x_hat), D update
+    4  SiT       velocity MSE + 0.5 * REPA on sg(z) (same t and eps, BN batch stats, label dropout), SiT update
+    5  EMA       of the SiT parameters and BN buffers
+
+The models arrive as engines: anything with `.module`, `__call__`, `backward(loss)` and `step()` (a
+DeepSpeed engine, or `PlainEngine` below for single-process use and tests). Frozen passes call the
+module through `torch.func.functional_call` with detached parameters, so no engine parameter ever has
+its `requires_grad` toggled (ZeRO's gradient hooks stay intact) and no frozen weight gradient is built.
+t, eps, the label-drop mask and the posterior noise come in as arguments (the trainer draws them).
+The step returns 0-d tensors and makes one host sync per model: the finiteness check of its loss, so
+a non-finite loss skips that model's update. This file holds no I/O, logging or checkpointing.
+"""
+
+# B batch, C latent channels, R image side, N tokens, E encoder dim
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from repae.model.losses import (
+    VAELossConfig,
+    denoising_loss,
+    discriminator_hinge_loss,
+    projection_loss,
+    vae_generator_loss,
+)
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+class PlainEngine:
+    """The engine interface without DeepSpeed: module + optimizer + global-norm clipping, one process."""
+
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float = 1.0):
+        self.module, self.optimizer, self.grad_clip = module, optimizer, grad_clip
+        self._grad_norm: torch.Tensor | None = None
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        if self.grad_clip > 0:
+            self._grad_norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def get_global_grad_norm(self):
+        return self._grad_norm
+
+
+@dataclass
+class StepModels:
+    """What one step touches. `ema` has update(module, decay); `encoders` map uint8 images to [B, N, E]."""
+
+    sit: object
+    vae: object
+    disc: object
+    lpips: nn.Module
+    encoders: Sequence[nn.Module]
+    ema: object
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """A rank's batch and the random draws of this step (drawn by the trainer, or by a test)."""
+
+    images: torch.Tensor  # uint8 [B, 3, R, R]
+    labels: torch.Tensor  # int64 [B]
+    t: torch.Tensor  # [B] in [0, 1)
+    noise: torch.Tensor  # [B, C, h, w] flow noise eps
+    drop_mask: torch.Tensor  # bool [B]: labels replaced by the null class in the SiT pass
+    posterior_noise: torch.Tensor  # [B, C, h, w] eps of z = mean + std * eps
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """Loss weights and precision of the step (from the run config)."""
+
+    vae_loss: VAELossConfig
+    proj_coeff: float = 0.5
+    vae_align_proj_coeff: float = 1.5
+    ema_decay: float = 0.9999
+    precision: str = "bf16"
+    kernel_backend: str | None = None
+
+
+def _autocast(device: torch.device, precision: str):
+    dtype = AUTOCAST_DTYPES[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def frozen_call(module: nn.Module, *args, **kwargs):
+    """module(*args, **kwargs) with every parameter detached: input gradients only, no weight gradients."""
+    params = {name: p.detach() for name, p in module.named_parameters()}
+    return functional_call(module, params, args, kwargs, strict=False)
+
+
+def _finite(loss: torch.Tensor) -> bool:
+    # PERF: one host sync per model and step, the price of skipping a non-finite update before it lands.
+    return bool(torch.isfinite(loss))
+
+
+def train_step(models: StepModels, inputs: StepInputs, settings: StepSettings, *, step: int) -> dict[str, torch.Tensor]:
+    """One REPA-E iteration; returns detached 0-d tensors (losses, logits) and *_skipped flags (0/1)."""
+    device = inputs.images.device
+    amp = _autocast(device, settings.precision)
+    logs: dict[str, torch.Tensor] = {}
+
+    # 0. Representation targets: frozen encoders, no grad, autocast (their final norm returns fp32).
+    with torch.no_grad(), amp:
+        zs = [enc(inputs.images).float() for enc in models.encoders]
+
+    # 1. VAE forward (train mode; it has no dropout or BN). x in [-1, 1], fp32.
+    x = inputs.images.float() / 127.5 - 1
+    with amp:
+        posterior, z, x_hat = models.vae(x, noise=inputs.posterior_noise)
+    x_hat = x_hat.float()
+
+    # 2. VAE loss: generator terms (disc frozen, its BN on the fake batch) + alignment through the frozen SiT.
+    # fp32: the original runs the loss without autocast. Skipped while the GAN term is off (the original
+    # does not call D then either).
+    logits_fake = frozen_call(models.disc.module, x_hat) if settings.vae_loss.gan_active(step) else None
+    vae_loss, vae_logs = vae_generator_loss(x, x_hat, posterior, logits_fake, lpips=models.lpips, cfg=settings.vae_loss,
+                                            step=step)
+    no_drop = torch.zeros_like(inputs.drop_mask)
+    with amp:
+        align = frozen_call(models.sit.module, z, inputs.labels, inputs.t, inputs.noise, drop_mask_B=no_drop,
+                            align_only=True, use_batch_stats=False)
+    align_loss = projection_loss(align.zs_tilde, zs, backend=settings.kernel_backend)
+    vae_loss = vae_loss + settings.vae_align_proj_coeff * align_loss
+    logs.update({f"vae/{k}": v for k, v in vae_logs.items()})
+    logs["vae/align_loss"] = align_loss.detach()
+    logs["vae/loss"] = vae_loss.detach()
+    logs["vae/skipped"] = torch.tensor(0.0 if _finite(vae_loss) else 1.0)
+    if logs["vae/skipped"] == 0:
+        models.vae.backward(vae_loss)
+        models.vae.step()
+    del align, vae_loss
+
+    # 3. Discriminator: hinge on real x and the pre-update reconstruction, separate calls (BN per call).
+    logits_real = models.disc(x.detach())
+    logits_fake = models.disc(x_hat.detach())
+    d_loss, d_logs = discriminator_hinge_loss(logits_real, logits_fake,
+                                              factor=settings.vae_loss.discriminator_factor_at(step))
+    logs.update({f"disc/{k}": v for k, v in d_logs.items()})
+    logs["disc/skipped"] = torch.tensor(0.0 if _finite(d_loss) else 1.0)
+    if logs["disc/skipped"] == 0:
+        models.disc.backward(d_loss)
+        models.disc.step()
+
+    # 4. SiT on sg(z): same t and eps, BN on (global) batch statistics, label dropout by the given mask.
+    with amp:
+        out = models.sit(z.detach(), inputs.labels, inputs.t, inputs.noise, drop_mask_B=inputs.drop_mask,
+                         use_batch_stats=True)
+    dn_loss = denoising_loss(out.v_pred, out.v_target)
+    proj_loss = projection_loss(out.zs_tilde, zs, backend=settings.kernel_backend)
+    sit_loss = dn_loss + settings.proj_coeff * proj_loss
+    logs.update({"sit/denoising_loss": dn_loss.detach(), "sit/proj_loss": proj_loss.detach(),
+                 "sit/loss": sit_loss.detach()})
+    logs["sit/skipped"] = torch.tensor(0.0 if _finite(sit_loss) else 1.0)
+    if logs["sit/skipped"] == 0:
+        models.sit.backward(sit_loss)
+        models.sit.step()
+
+    # 5. EMA of the SiT (parameters and BN buffers).
+    models.ema.update(models.sit.module, decay=settings.ema_decay)
+    return logs

@@ -1,0 +1,508 @@
+"""The REPA-E trainer: models, three DeepSpeed engines, data, random draws, checkpoints, logging.
+
+    trainer = Trainer(cfg)        # after deepspeed.init_distributed (main.py does it)
+    trainer.fit()                 # resumes from run_dir/checkpoints/latest when it exists
+
+One engine per trained model (SiT, VAE, discriminator), each with its own AdamW and, in DeepSpeed's
+fp16 mode, its own loss scaler. The run does not depend on the world size: every random draw of a
+step (t, flow noise, label-drop mask, posterior noise) is drawn for the GLOBAL batch from one seeded
+generator and each rank takes its slice; the data source shards global batches the same way; the
+latent BN statistics are all-reduced (SyncBN). A checkpoint holds the engines (weights, optimizers,
+scalers), the EMA, the generator and RNG states of every rank, the data position and the step; it
+is written into a temporary folder and only then renamed and pointed to by `latest`.
+This file holds no step math (train/step.py) and no config parsing (train/config.py).
+"""
+
+# B batch, C latent channels, h latent side
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import time
+import warnings
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+
+from repae.kernels import allreduce_stats_hook
+from repae.model.discriminator import build_discriminator
+from repae.model.encoders import DINOv2Encoder, parse_enc_type
+from repae.model.losses import VAELossConfig
+from repae.model.lpips import LPIPS
+from repae.model.sit import SiT, sit_config
+from repae.model.vae import VAE_CONFIGS, VAEConfig, build_vae, latents_stats_path, load_latents_stats, load_vae_weights
+from repae.model.weights import load_weights
+
+from .config import TrainConfig, check_paths
+from .ema import EMA
+from .step import PlainEngine, StepInputs, StepModels, StepSettings, train_step
+
+CKPT_DIR = "checkpoints"
+ENGINES = ("sit", "vae", "disc")
+
+
+class RunStopped(RuntimeError):
+    """The run stopped on purpose (too many non-finite losses); the message names the model and step."""
+
+
+def log0(msg: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"[repae] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------
+
+
+def build_sit_from_config(cfg: TrainConfig) -> SiT:
+    s, latent = cfg.sit, build_vae_config(cfg)
+    z_dims = tuple(spec.embed_dim for spec in parse_enc_type(cfg.encoder.enc_type))
+    fields = dict(input_size=cfg.data.resolution // latent.factor, in_channels=latent.embed_dim,
+                  encoder_depth=s.encoder_depth, projector_dim=s.projector_dim, class_dropout_prob=s.class_dropout_prob,
+                  num_classes=s.num_classes, bn_momentum=s.bn_momentum, qk_norm=s.qk_norm, path_type=s.path_type,
+                  attn_backend=s.attn_backend, z_dims=z_dims, kernel_backend=cfg.kernel_backend)
+    fields.update(s.overrides)
+    return SiT(sit_config(s.name, **fields))
+
+
+def build_vae_config(cfg: TrainConfig) -> VAEConfig:
+    if cfg.vae.name not in VAE_CONFIGS:
+        raise ValueError(f"config key vae.name={cfg.vae.name!r} must be one of {list(VAE_CONFIGS)}")
+    base = asdict(VAE_CONFIGS[cfg.vae.name])
+    unknown = [k for k in cfg.vae.overrides if k not in base]
+    if unknown:
+        raise ValueError(f"unknown config key vae.overrides.{unknown[0]} (known: {', '.join(base)})")
+    base.update({k: tuple(v) if isinstance(v, list) else v for k, v in cfg.vae.overrides.items()})
+    return VAEConfig(**base)
+
+
+def build_encoders(cfg: TrainConfig) -> list[DINOv2Encoder]:
+    """The frozen encoders; with encoder.allow_random, a missing weight file gives a random one (said loudly)."""
+    encoders = []
+    for spec in parse_enc_type(cfg.encoder.enc_type):
+        try:
+            enc = DINOv2Encoder(spec.enc_type, cfg.data.resolution, weights=cfg.encoder.weights,
+                                weights_dir=cfg.encoder.weights_dir)
+        except FileNotFoundError as err:
+            if not cfg.encoder.allow_random:
+                raise
+            log0(f"NOTE: {err}. encoder.allow_random is set: using a RANDOMLY INITIALISED {spec.enc_type} (demo only)")
+            enc = DINOv2Encoder(spec.enc_type, cfg.data.resolution, pretrained=False)
+        encoders.append(enc)
+    return encoders
+
+
+def build_lpips(cfg: TrainConfig) -> LPIPS:
+    try:
+        return LPIPS(cfg.loss.lpips_double_rescale, vgg_weights=cfg.loss.lpips_weights)
+    except FileNotFoundError as err:
+        if not cfg.loss.lpips_allow_random:
+            raise
+        log0(f"NOTE: {err}. loss.lpips_allow_random is set: LPIPS uses a RANDOM VGG16 trunk (demo only)")
+        return LPIPS(cfg.loss.lpips_double_rescale, pretrained=False)
+
+
+def vae_loss_config(cfg: TrainConfig) -> VAELossConfig:
+    L = cfg.loss
+    return VAELossConfig(reconstruction_weight=L.reconstruction_weight, perceptual_weight=L.perceptual_weight,
+                         kl_weight=L.kl_weight, discriminator_weight=L.discriminator_weight,
+                         discriminator_factor=L.discriminator_factor, discriminator_start=L.discriminator_start,
+                         lpips_double_rescale=L.lpips_double_rescale)
+
+
+def ds_config(cfg: TrainConfig, world_size: int, grad_clip: float) -> dict:
+    """The shared DeepSpeed section plus what the trainer owns: batch sizes, clipping."""
+    G = cfg.schedule.global_batch_size
+    return {**json.loads(json.dumps(cfg.deepspeed)), "train_batch_size": G, "train_micro_batch_size_per_gpu": G // world_size,
+            "gradient_accumulation_steps": 1, "gradient_clipping": grad_clip, "zero_allow_untested_optimizer": True,
+            "steps_per_print": cfg.deepspeed.get("steps_per_print", 10**9)}
+
+
+def make_optimizer(params, optim, device: torch.device) -> torch.optim.Optimizer:
+    fused = device.type == "cuda"  # PERF: fused AdamW on GPU (same update up to rounding); foreach on CPU
+    return torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay,
+                             fused=fused or None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Random draws of a step: global batch from one generator, each rank takes its slice
+# ---------------------------------------------------------------------------------------------------
+
+
+class StepRandom:
+    """t, flow noise, label-drop mask and posterior noise for the global batch (world-size independent)."""
+
+    def __init__(self, seed: int, global_batch: int, latent_shape: tuple[int, int, int], drop_prob: float,
+                 weighting: str, path_type: str):
+        self.gen = torch.Generator().manual_seed(seed + 0x5EED)
+        self.G, self.latent_shape, self.drop_prob = global_batch, latent_shape, drop_prob
+        self.weighting, self.path_type = weighting, path_type
+
+    def draw(self, rank: int, world_size: int, device: torch.device) -> dict[str, torch.Tensor]:
+        G, g = self.G, self.gen
+        if self.weighting == "uniform":
+            t = torch.rand(G, generator=g)
+        else:  # lognormal: s = exp(randn); linear t = s / (1 + s), cosine (2/pi) atan(s)
+            s = torch.randn(G, generator=g).exp()
+            t = s / (1 + s) if self.path_type == "linear" else 2 / math.pi * torch.atan(s)
+        noise = torch.randn((G, *self.latent_shape), generator=g)
+        drop = torch.rand(G, generator=g) < self.drop_prob
+        post = torch.randn((G, *self.latent_shape), generator=g)
+        b = G // world_size
+        sl = slice(rank * b, (rank + 1) * b)
+        return {k: v[sl].to(device) for k, v in (("t", t), ("noise", noise), ("drop_mask", drop),
+                                                   ("posterior_noise", post))}
+
+    def state_dict(self) -> dict:
+        return {"gen": self.gen.get_state()}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.gen.set_state(d["gen"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The trainer
+# ---------------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Builds everything from a TrainConfig; `fit()` trains to schedule.max_steps (resuming if possible)."""
+
+    def __init__(self, cfg: TrainConfig, *, use_deepspeed: bool = True):
+        check_paths(cfg)
+        self.cfg = cfg
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        if cfg.schedule.global_batch_size % self.world:
+            raise ValueError(f"schedule.global_batch_size={cfg.schedule.global_batch_size} is not divisible by the "
+                             f"world size {self.world}")
+        self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+        self.run_dir = cfg.logging.run_dir
+        self.ckpt_root = os.path.join(self.run_dir, CKPT_DIR)
+        self.step = 0
+        self.nan_counts = {k: 0 for k in ENGINES}
+        self.nan_total = {k: 0 for k in ENGINES}
+        self.history: dict[str, list] = {}
+        self._stop_signal: int | None = None
+
+        torch.manual_seed(cfg.schedule.seed)  # identical initial weights on every rank
+        encoders = [e.to(self.device) for e in build_encoders(cfg)]
+        sit = build_sit_from_config(cfg)
+        vae = build_vae(build_vae_config(cfg))
+        if cfg.vae.weights is not None:
+            load_vae_weights(vae, cfg.vae.weights)
+            stats = cfg.vae.latents_stats or latents_stats_path(cfg.vae.weights)
+            if os.path.exists(stats):
+                sit.init_bn(*load_latents_stats(stats))
+            else:
+                log0(f"NOTE: no latents-stats file {stats}: the latent BN starts at mean 0, var 1")
+        disc = build_discriminator(cfg.vae.discriminator_weights)
+        if cfg.loss.sync_discriminator_bn and self.world > 1:
+            disc = torch.nn.SyncBatchNorm.convert_sync_batchnorm(disc)
+        sit, vae, disc = sit.to(self.device), vae.to(self.device), disc.to(self.device)
+        if self.world > 1:
+            sit.bn.stats_hook = allreduce_stats_hook()
+        self.ema = EMA(sit)  # after the BN statistics are set (the original copies at step 0, decay 0)
+        lpips = build_lpips(cfg).to(self.device)
+
+        engines = {}
+        for name, module, optim in (("sit", sit, cfg.optim_sit), ("vae", vae, cfg.optim_vae),
+                                    ("disc", disc, cfg.optim_disc)):
+            params = [p for p in module.parameters() if p.requires_grad]
+            opt = make_optimizer(params, optim, self.device)
+            if use_deepspeed:
+                import deepspeed
+
+                engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt,
+                                                       config=ds_config(cfg, self.world, optim.grad_clip))
+            else:
+                engine = PlainEngine(module, opt, optim.grad_clip)
+            engines[name] = engine
+        self.engines = engines
+        for engine in engines.values():
+            engine.module.train()
+        # DeepSpeed's bf16/fp16 modes cast the module; the latent BN statistics must stay fp32 (kernel contract).
+        sit.bn.float()
+        self.models = StepModels(sit=engines["sit"], vae=engines["vae"], disc=engines["disc"], lpips=lpips,
+                                 encoders=encoders, ema=self.ema)
+        self.settings = StepSettings(vae_loss=vae_loss_config(cfg), proj_coeff=cfg.loss.proj_coeff,
+                                     vae_align_proj_coeff=cfg.loss.vae_align_proj_coeff,
+                                     ema_decay=cfg.schedule.ema_decay, precision=cfg.schedule.precision,
+                                     kernel_backend=cfg.kernel_backend)
+        latent = (sit.in_channels, sit.config.input_size, sit.config.input_size)
+        self.random = StepRandom(cfg.schedule.seed, cfg.schedule.global_batch_size, latent,
+                                 cfg.sit.class_dropout_prob, cfg.schedule.weighting, cfg.sit.path_type)
+        self._data = None  # built on first use (tests that pass their own inputs never read images)
+        self.sample_noise = torch.randn((cfg.logging.num_samples, *latent), generator=torch.Generator().manual_seed(
+            cfg.schedule.seed + 1))
+        self.sample_labels = torch.arange(cfg.logging.num_samples) % cfg.sit.num_classes
+
+    @property
+    def data(self):
+        if self._data is None:
+            self._data = self._data_source()
+        return self._data
+
+    def _data_source(self):
+        from .data import ImageFolderSource, write_demo_dataset
+
+        cfg = self.cfg
+        root = cfg.data.root
+        if cfg.data.source == "demo":
+            root = os.path.join(self.run_dir, "demo_data")
+            if self.rank == 0 and not os.path.isdir(root):
+                write_demo_dataset(root, num_images=max(64, 2 * cfg.schedule.global_batch_size),
+                                   num_classes=min(4, cfg.sit.num_classes), resolution=cfg.data.resolution,
+                                   seed=cfg.schedule.seed)
+            if dist.is_initialized():
+                dist.barrier()
+        return ImageFolderSource(root, cfg.data.resolution, global_batch_size=cfg.schedule.global_batch_size,
+                                 rank=self.rank, world_size=self.world, seed=cfg.schedule.seed,
+                                 num_workers=cfg.data.num_workers)
+
+    # -----------------------------------------------------------------------------------------------
+    # One step with this rank's data and draws
+    # -----------------------------------------------------------------------------------------------
+
+    def next_inputs(self) -> StepInputs:
+        images, labels = self.data.next_batch()
+        draws = self.random.draw(self.rank, self.world, self.device)
+        return StepInputs(images=images.to(self.device), labels=labels.to(self.device), **draws)
+
+    def run_step(self, inputs: StepInputs | None = None) -> dict[str, torch.Tensor]:
+        inputs = inputs if inputs is not None else self.next_inputs()
+        logs = train_step(self.models, inputs, self.settings, step=self.step)
+        self.step += 1
+        for name in ENGINES:
+            if float(logs[f"{name}/skipped"]):
+                self.nan_counts[name] += 1
+                self.nan_total[name] += 1
+                log0(f"non-finite {name} loss at step {self.step}: update skipped "
+                     f"({self.nan_counts[name]} in a row, {self.nan_total[name]} in total)")
+                if self.nan_counts[name] >= self.cfg.logging.nan_patience:
+                    raise RunStopped(f"{self.nan_counts[name]} consecutive non-finite {name} losses up to step "
+                                     f"{self.step}: stopping (logging.nan_patience={self.cfg.logging.nan_patience})")
+            else:
+                self.nan_counts[name] = 0
+        return logs
+
+    # -----------------------------------------------------------------------------------------------
+    # Checkpoints
+    # -----------------------------------------------------------------------------------------------
+
+    def _barrier(self):
+        if dist.is_initialized():
+            dist.barrier()
+
+    def save_checkpoint(self) -> str:
+        """Write checkpoints/step<step> atomically (temp folder, rename, then `latest`); keep the last K."""
+        name = f"step{self.step:07d}"
+        tmp = os.path.join(self.ckpt_root, f".tmp-{name}")
+        final = os.path.join(self.ckpt_root, name)
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        self._barrier()
+        for key, engine in self.engines.items():
+            if isinstance(engine, PlainEngine):
+                if self.rank == 0:
+                    torch.save({"module": engine.module.state_dict(), "optimizer": engine.optimizer.state_dict()},
+                               os.path.join(tmp, f"{key}.pt"))
+            else:
+                engine.save_checkpoint(tmp, tag=key, save_latest=False)
+        rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
+               else None}
+        torch.save(rng, os.path.join(tmp, f"rng_rank{self.rank}.pt"))
+        if self.rank == 0:
+            torch.save({"step": self.step, "ema": self.ema.state_dict(), "random": self.random.state_dict(),
+                        "data": self.data.state_dict(), "nan_counts": self.nan_counts, "nan_total": self.nan_total,
+                        "history": self.history, "config": self.cfg.to_dict(), "world_size": self.world},
+                       os.path.join(tmp, "trainer.pt"))
+        self._barrier()
+        if self.rank == 0:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            latest_tmp = os.path.join(self.ckpt_root, "latest.tmp")
+            with open(latest_tmp, "w") as f:
+                f.write(name)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(latest_tmp, os.path.join(self.ckpt_root, "latest"))
+            kept = sorted(d for d in os.listdir(self.ckpt_root) if d.startswith("step"))
+            for old in kept[: -self.cfg.logging.keep_last]:
+                shutil.rmtree(os.path.join(self.ckpt_root, old), ignore_errors=True)
+        self._barrier()
+        log0(f"checkpoint {final}")
+        return final
+
+    def latest_checkpoint(self) -> str | None:
+        pointer = os.path.join(self.ckpt_root, "latest")
+        if not os.path.isfile(pointer):
+            return None
+        with open(pointer) as f:
+            path = os.path.join(self.ckpt_root, f.read().strip())
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{pointer} points to {path}, which does not exist")
+        return path
+
+    def load_checkpoint(self, path: str) -> None:
+        """Restore everything `save_checkpoint` wrote; the run continues as if it had never stopped."""
+        for key, engine in self.engines.items():
+            if isinstance(engine, PlainEngine):
+                state = torch.load(os.path.join(path, f"{key}.pt"), map_location=self.device, weights_only=True)
+                engine.module.load_state_dict(state["module"])
+                engine.optimizer.load_state_dict(state["optimizer"])
+            else:
+                engine.load_checkpoint(path, tag=key, load_optimizer_states=True, load_lr_scheduler_states=False)
+        self.models.sit.module.bn.float()
+        state = torch.load(os.path.join(path, "trainer.pt"), map_location="cpu", weights_only=False)
+        self.step = state["step"]
+        self.ema.load_state_dict(state["ema"])
+        self.random.load_state_dict(state["random"])
+        self.data.load_state_dict(state["data"])
+        self.nan_counts, self.nan_total, self.history = state["nan_counts"], state["nan_total"], state["history"]
+        rng_file = os.path.join(path, f"rng_rank{self.rank}.pt")
+        if os.path.isfile(rng_file):
+            rng = torch.load(rng_file, map_location="cpu", weights_only=False)
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+        log0(f"resumed from {path} at step {self.step}")
+
+    # -----------------------------------------------------------------------------------------------
+    # Previews
+    # -----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def save_samples(self) -> str | None:
+        """EMA samples (Euler ODE, CFG) decoded with the EMA BN statistics, as a PNG grid (rank 0)."""
+        if self.rank != 0 or self.cfg.logging.sample_every <= 0:
+            return None
+        from repae.model.samplers import euler_sampler
+
+        from .visual import save_image_grid
+
+        ema = self.ema.module
+        x = self.sample_noise.to(self.device)
+        y = self.sample_labels.to(self.device)
+        latents = euler_sampler(ema.inference, x, y, num_steps=self.cfg.logging.sample_steps,
+                                cfg_scale=self.cfg.logging.cfg_scale, null_class=self.cfg.sit.num_classes)
+        images = self.models.vae.module.decode(ema.bn.denormalize(latents.float()))
+        path = os.path.join(self.run_dir, "samples", f"step{self.step:07d}.png")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_image_grid(images.float().cpu(), path)
+        return path
+
+    # -----------------------------------------------------------------------------------------------
+    # The loop
+    # -----------------------------------------------------------------------------------------------
+
+    def _install_signal_handlers(self):
+        def handler(signum, frame):
+            self._stop_signal = signum
+            log0(f"signal {signal.Signals(signum).name}: checkpointing after this step, then exiting")
+
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, handler)
+
+    def _should_stop(self) -> bool:
+        """A signal on any rank stops every rank at the same step (one tiny all-reduce per step when W > 1)."""
+        flag = self._stop_signal is not None
+        if dist.is_initialized() and self.world > 1:
+            t = torch.tensor([float(flag)], device=self.device)
+            dist.all_reduce(t)
+            flag = bool(t.item())
+        return flag
+
+    def _log(self, sums: dict[str, torch.Tensor], count: int, t0: float, writer, bar) -> None:
+        keys = sorted(sums)
+        vec = torch.stack([sums[k] for k in keys]).float().to(self.device) / max(count, 1)
+        if dist.is_initialized():
+            dist.all_reduce(vec)
+            vec /= self.world
+        values = dict(zip(keys, vec.tolist()))
+        elapsed = time.time() - t0
+        values["perf/img_per_s"] = count * self.cfg.schedule.global_batch_size / max(elapsed, 1e-9)
+        for name, engine in self.engines.items():
+            norm = engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None
+            if norm is not None:
+                values[f"{name}/grad_norm"] = float(norm)
+            scaler = getattr(getattr(engine, "optimizer", None), "cur_scale", None)
+            if scaler is not None:
+                values[f"{name}/loss_scale"] = float(scaler)
+        bn = self.models.sit.module.bn
+        values["bn/running_mean_avg"] = float(bn.running_mean.mean())
+        values["bn/running_var_avg"] = float(bn.running_var.mean())
+        for k in ENGINES:
+            values[f"{k}/nonfinite_total"] = self.nan_total[k]
+        if self.rank != 0:
+            return
+        from .visual import save_loss_plot
+
+        for k, v in values.items():
+            self.history.setdefault(k, []).append((self.step, v))
+            if writer is not None:
+                writer.add_scalar(k, v, self.step)
+        if bar is not None:
+            bar.set_postfix({"img/s": f"{values['perf/img_per_s']:.1f}", "sit": f"{values['sit/loss']:.4f}",
+                             "vae": f"{values['vae/loss']:.4f}", "d": f"{values['disc/discriminator_loss']:.3f}"})
+        save_loss_plot({k: v for k, v in self.history.items() if k.endswith("loss")},
+                       os.path.join(self.run_dir, "losses.png"))
+        with open(os.path.join(self.run_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps({"step": self.step, **values}) + "\n")
+
+    def fit(self, *, resume: bool = True) -> None:
+        cfg = self.cfg
+        if self.rank == 0:
+            os.makedirs(self.run_dir, exist_ok=True)
+            with open(os.path.join(self.run_dir, "config.json"), "w") as f:
+                json.dump(cfg.to_dict(), f, indent=2)
+        if resume and (path := self.latest_checkpoint()) is not None:
+            self.load_checkpoint(path)
+        self._install_signal_handlers()
+        writer = None
+        if self.rank == 0 and cfg.logging.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                writer = SummaryWriter(os.path.join(self.run_dir, "tb"))
+            except ImportError:
+                warnings.warn("tensorboard is not installed: no tensorboard logs (pip install tensorboard)", stacklevel=1)
+        bar = None
+        if self.rank == 0:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.schedule.max_steps, initial=self.step, desc="repae", unit="step", dynamic_ncols=True)
+        sums: dict[str, torch.Tensor] = {}
+        count, t0 = 0, time.time()
+        try:
+            while self.step < cfg.schedule.max_steps:
+                logs = self.run_step()
+                for k, v in logs.items():
+                    sums[k] = sums.get(k, 0) + v.detach().float().to(self.device)  # no host sync
+                count += 1
+                if bar is not None:
+                    bar.update(1)
+                if self.step % cfg.logging.log_every == 0 or self.step == cfg.schedule.max_steps:
+                    self._log(sums, count, t0, writer, bar)
+                    sums, count, t0 = {}, 0, time.time()
+                if cfg.logging.sample_every > 0 and (self.step % cfg.logging.sample_every == 0 or self.step == 1):
+                    self.save_samples()
+                if self.step % cfg.logging.ckpt_every == 0 or self.step == cfg.schedule.max_steps:
+                    self.save_checkpoint()
+                if self._should_stop():
+                    if self.step % cfg.logging.ckpt_every:
+                        self.save_checkpoint()
+                    log0(f"stopped by signal at step {self.step}; resume with the same command")
+                    break
+        finally:
+            if bar is not None:
+                bar.close()
+            if writer is not None:
+                writer.close()
