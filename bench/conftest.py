@@ -66,6 +66,10 @@ def pytest_terminal_summary(terminalreporter):
     tr.section("kernel benchmarks (p50 ms, GB/s, fraction of the 3.0 TB/s HBM roofline)")
     tr.write_line(f"{'op':10} {'case':24} {'mode':8} {'provider':8} {'ms':>9} {'GB/s':>8} {'roof':>6}")
     for r in _rows:
+        if "img_per_s" in r:  # train-step rows (bench_train_step.py)
+            tr.write_line(f"{r['op']:10} {r['case']:24} {r['mode']:8} {r['provider']:8} {r['ms'][0]:9.1f} "
+                          f"{r['img_per_s']:7.1f} img/s {r['peak_mem_gib']:5.1f} GiB  {r['split_ms']}")
+            continue
         if "tflops" in r:  # whole-model rows (bench_models.py)
             tr.write_line(f"{r['op']:10} {r['case']:24} {r['mode']:8} {r['provider']:8} {r['ms'][0]:9.3f} "
                           f"{r['tflops']:7.1f}TF {r['mfu']:6.1%} MFU")

@@ -31,7 +31,7 @@ def report(folder: Path) -> str:
         "| op | case | mode | triton ms | eager ms | compile ms | triton GB/s | roofline | vs eager | vs compile |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for op, case, mode in sorted({k[:3] for k in latest if k[0] != "model"}):
+    for op, case, mode in sorted({k[:3] for k in latest if k[0] not in ("model", "train_step")}):
         rows = {p: latest.get((op, case, mode, p)) for p in ("triton", "eager", "compile")}
         ms = {p: (r["ms"][0] if r else float("nan")) for p, r in rows.items()}
         t = rows["triton"]
@@ -54,6 +54,14 @@ def report(folder: Path) -> str:
                          f"{ms['compile']:.3f} | "
                          f"{best['tflops']:.0f} | {best['mfu']:.0%} | {ms['eager'] / ms['fused']:.2f}x | "
                          f"{ms['compile'] / ms['fused']:.2f}x |")
+    steps = [r for k, r in sorted(latest.items()) if k[0] == "train_step"]
+    if steps:
+        lines += ["", "## The REPA-E train step (one GPU, 10 burn-in + 20 timed steps)", "",
+                  "| case | kernels | engines | ms/step | img/s | peak GiB | split (ms) |", "|---|---|---|---|---|---|---|"]
+        for r in steps:
+            split = ", ".join(f"{k} {v:.1f}" for k, v in r["split_ms"].items())
+            lines.append(f"| {r['case']} | {r['provider']} | {r['engines']} | {r['ms'][0]:.1f} | {r['img_per_s']:.1f} | "
+                         f"{r['peak_mem_gib']:.1f} | {split} |")
     return "\n".join(lines) + "\n"
 
 

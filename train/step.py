@@ -22,7 +22,7 @@ a non-finite loss skips that model's update. This file holds no I/O, logging or 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -118,8 +118,14 @@ def _finite(loss: torch.Tensor) -> bool:
     return bool(torch.isfinite(loss))
 
 
-def train_step(models: StepModels, inputs: StepInputs, settings: StepSettings, *, step: int) -> dict[str, torch.Tensor]:
-    """One REPA-E iteration; returns detached 0-d tensors (losses, logits) and *_skipped flags (0/1)."""
+def train_step(models: StepModels, inputs: StepInputs, settings: StepSettings, *, step: int,
+               mark: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]:
+    """One REPA-E iteration; returns detached 0-d tensors (losses, logits) and *_skipped flags (0/1).
+
+    mark(name), when given, is called at the end of each phase (the train-step benchmark records a CUDA
+    event there to split the step's time); it must not synchronise.
+    """
+    mark = mark or (lambda name: None)
     device = inputs.images.device
     amp = _autocast(device, settings.precision)
     logs: dict[str, torch.Tensor] = {}
@@ -127,12 +133,14 @@ def train_step(models: StepModels, inputs: StepInputs, settings: StepSettings, *
     # 0. Representation targets: frozen encoders, no grad, autocast (their final norm returns fp32).
     with torch.no_grad(), amp:
         zs = [enc(inputs.images).float() for enc in models.encoders]
+    mark("dinov2")
 
     # 1. VAE forward (train mode; it has no dropout or BN). x in [-1, 1], fp32.
     x = inputs.images.float() / 127.5 - 1
     with amp:
         posterior, z, x_hat = models.vae(x, noise=inputs.posterior_noise)
     x_hat = x_hat.float()
+    mark("vae_forward")
 
     # 2. VAE loss: generator terms (disc frozen, its BN on the fake batch) + alignment through the frozen SiT.
     # fp32: the original runs the loss without autocast. Skipped while the GAN term is off (the original
@@ -140,11 +148,13 @@ def train_step(models: StepModels, inputs: StepInputs, settings: StepSettings, *
     logits_fake = frozen_call(models.disc.module, x_hat) if settings.vae_loss.gan_active(step) else None
     vae_loss, vae_logs = vae_generator_loss(x, x_hat, posterior, logits_fake, lpips=models.lpips, cfg=settings.vae_loss,
                                             step=step)
+    mark("lpips_gan_loss")
     no_drop = torch.zeros_like(inputs.drop_mask)
     with amp:
         align = frozen_call(models.sit.module, z, inputs.labels, inputs.t, inputs.noise, drop_mask_B=no_drop,
                             align_only=True, use_batch_stats=False)
     align_loss = projection_loss(align.zs_tilde, zs, backend=settings.kernel_backend)
+    mark("align_forward")
     vae_loss = vae_loss + settings.vae_align_proj_coeff * align_loss
     logs.update({f"vae/{k}": v for k, v in vae_logs.items()})
     logs["vae/align_loss"] = align_loss.detach()
@@ -154,6 +164,7 @@ def train_step(models: StepModels, inputs: StepInputs, settings: StepSettings, *
         models.vae.backward(vae_loss)
         models.vae.step()
     del align, vae_loss
+    mark("vae_backward_step")
 
     # 3. Discriminator: hinge on real x and the pre-update reconstruction, separate calls (BN per call).
     logits_real = models.disc(x.detach())
@@ -165,6 +176,7 @@ def train_step(models: StepModels, inputs: StepInputs, settings: StepSettings, *
     if logs["disc/skipped"] == 0:
         models.disc.backward(d_loss)
         models.disc.step()
+    mark("disc")
 
     # 4. SiT on sg(z): same t and eps, BN on (global) batch statistics, label dropout by the given mask.
     with amp:
@@ -173,13 +185,16 @@ def train_step(models: StepModels, inputs: StepInputs, settings: StepSettings, *
     dn_loss = denoising_loss(out.v_pred, out.v_target)
     proj_loss = projection_loss(out.zs_tilde, zs, backend=settings.kernel_backend)
     sit_loss = dn_loss + settings.proj_coeff * proj_loss
+    mark("sit_forward")
     logs.update({"sit/denoising_loss": dn_loss.detach(), "sit/proj_loss": proj_loss.detach(),
                  "sit/loss": sit_loss.detach()})
     logs["sit/skipped"] = torch.tensor(0.0 if _finite(sit_loss) else 1.0)
     if logs["sit/skipped"] == 0:
         models.sit.backward(sit_loss)
         models.sit.step()
+    mark("sit_backward_step")
 
     # 5. EMA of the SiT (parameters and BN buffers).
     models.ema.update(models.sit.module, decay=settings.ema_decay)
+    mark("ema")
     return logs

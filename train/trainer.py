@@ -92,7 +92,7 @@ def build_encoders(cfg: TrainConfig) -> list[DINOv2Encoder]:
         except FileNotFoundError as err:
             if not cfg.encoder.allow_random:
                 raise
-            log0(f"NOTE: {err}. encoder.allow_random is set: using a RANDOMLY INITIALISED {spec.enc_type} (demo only)")
+            log0(f"NOTE: {err} encoder.allow_random is set: using a RANDOMLY INITIALISED {spec.enc_type} (demo only)")
             enc = DINOv2Encoder(spec.enc_type, cfg.data.resolution, pretrained=False)
         encoders.append(enc)
     return encoders
@@ -104,7 +104,7 @@ def build_lpips(cfg: TrainConfig) -> LPIPS:
     except FileNotFoundError as err:
         if not cfg.loss.lpips_allow_random:
             raise
-        log0(f"NOTE: {err}. loss.lpips_allow_random is set: LPIPS uses a RANDOM VGG16 trunk (demo only)")
+        log0(f"NOTE: {err} loss.lpips_allow_random is set: LPIPS uses a RANDOM VGG16 trunk (demo only)")
         return LPIPS(cfg.loss.lpips_double_rescale, pretrained=False)
 
 
@@ -275,9 +275,9 @@ class Trainer:
         draws = self.random.draw(self.rank, self.world, self.device)
         return StepInputs(images=images.to(self.device), labels=labels.to(self.device), **draws)
 
-    def run_step(self, inputs: StepInputs | None = None) -> dict[str, torch.Tensor]:
+    def run_step(self, inputs: StepInputs | None = None, mark=None) -> dict[str, torch.Tensor]:
         inputs = inputs if inputs is not None else self.next_inputs()
-        logs = train_step(self.models, inputs, self.settings, step=self.step)
+        logs = train_step(self.models, inputs, self.settings, step=self.step, mark=mark)
         self.step += 1
         for name in ENGINES:
             if float(logs[f"{name}/skipped"]):
