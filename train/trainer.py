@@ -40,6 +40,7 @@ from repae.model.weights import load_weights
 
 from .config import TrainConfig, check_paths
 from .ema import EMA
+from .sync_bn import sync_batchnorm_
 from .step import PlainEngine, StepInputs, StepModels, StepSettings, train_step
 
 CKPT_DIR = "checkpoints"
@@ -204,7 +205,7 @@ class Trainer:
                 log0(f"NOTE: no latents-stats file {stats}: the latent BN starts at mean 0, var 1")
         disc = build_discriminator(cfg.vae.discriminator_weights)
         if cfg.loss.sync_discriminator_bn and self.world > 1:
-            disc = torch.nn.SyncBatchNorm.convert_sync_batchnorm(disc)
+            sync_batchnorm_(disc)
         sit, vae, disc = sit.to(self.device), vae.to(self.device), disc.to(self.device)
         if self.world > 1:
             sit.bn.stats_hook = allreduce_stats_hook()
