@@ -96,13 +96,18 @@ class ImageFolderDataset(Dataset):
 
     def __init__(self, root: str, resolution: int):
         self.root, self.resolution = root, resolution
-        self.relpaths, self.labels = scan_image_folder(root)
+        relpaths, labels = scan_image_folder(root)
+        # PERF: one numpy buffer each, not 1.28M Python objects: forked workers would touch every object's
+        # refcount and so copy the pages, the DataLoader "memory leak" of large Python lists.
+        self.relpaths = np.array([p.encode() for p in relpaths])
+        self.labels = np.array(labels, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.relpaths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return load_image(os.path.join(self.root, self.relpaths[index]), self.resolution), self.labels[index]
+        path = os.path.join(self.root, self.relpaths[index].decode())
+        return load_image(path, self.resolution), int(self.labels[index])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -113,11 +118,6 @@ class ImageFolderDataset(Dataset):
 def epoch_permutation(num_images: int, seed: int, epoch: int) -> torch.Tensor:
     """The image order of one epoch: randperm(N) from a CPU generator seeded with seed + epoch (int64 [N])."""
     return torch.randperm(num_images, generator=torch.Generator().manual_seed(seed + epoch))
-
-
-def global_batch_indices(num_images: int, global_batch_size: int, seed: int, epoch: int, batch: int) -> torch.Tensor:
-    """Image indices of global batch `batch` of `epoch` (int64 [G], shorter for a kept partial last batch)."""
-    return epoch_permutation(num_images, seed, epoch)[batch * global_batch_size:(batch + 1) * global_batch_size]
 
 
 def rank_slice(global_batch: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
@@ -181,7 +181,7 @@ class ImageFolderSource:
 
     @property
     def num_classes(self) -> int:
-        return max(self.dataset.labels) + 1
+        return int(self.dataset.labels.max()) + 1
 
     @property
     def steps_per_epoch(self) -> int:
