@@ -245,6 +245,11 @@ class TrainConfig:
         if bad:
             raise ValueError(f"config key deepspeed.{bad[0]} is set by the trainer (batch sizes from "
                              f"schedule.global_batch_size, AdamW and clipping from optim_*): remove it")
+        fp16_engine = bool(self.deepspeed.get("fp16", {}).get("enabled", False))
+        if self.schedule.precision == "fp16" and not fp16_engine:
+            raise ValueError("config key schedule.precision=fp16 needs loss scaling: set deepspeed.fp16.enabled=true "
+                             "(DeepSpeed's fp16 mode: fp32 master weights, one dynamic loss scaler per engine), or "
+                             "use bf16")
         stage = self.deepspeed.get("zero_optimization", {}).get("stage", 0)
         if stage not in (0, 1, 2):
             raise ValueError(f"config key deepspeed.zero_optimization.stage={stage!r} must be 0, 1 or 2")

@@ -145,7 +145,9 @@ def train_step(models: StepModels, inputs: StepInputs, settings: StepSettings, *
     # 2. VAE loss: generator terms (disc frozen, its BN on the fake batch) + alignment through the frozen SiT.
     # fp32: the original runs the loss without autocast. Skipped while the GAN term is off (the original
     # does not call D then either).
-    logits_fake = frozen_call(models.disc.module, x_hat) if settings.vae_loss.gan_active(step) else None
+    disc_dtype = next(models.disc.module.parameters()).dtype  # fp32, or half under DeepSpeed's bf16/fp16 modes
+    logits_fake = (frozen_call(models.disc.module, x_hat.to(disc_dtype)).float() if settings.vae_loss.gan_active(step)
+                   else None)
     vae_loss, vae_logs = vae_generator_loss(x, x_hat, posterior, logits_fake, lpips=models.lpips, cfg=settings.vae_loss,
                                             step=step)
     mark("lpips_gan_loss")
@@ -167,8 +169,8 @@ def train_step(models: StepModels, inputs: StepInputs, settings: StepSettings, *
     mark("vae_backward_step")
 
     # 3. Discriminator: hinge on real x and the pre-update reconstruction, separate calls (BN per call).
-    logits_real = models.disc(x.detach())
-    logits_fake = models.disc(x_hat.detach())
+    logits_real = models.disc(x.detach().to(disc_dtype)).float()
+    logits_fake = models.disc(x_hat.detach().to(disc_dtype)).float()
     d_loss, d_logs = discriminator_hinge_loss(logits_real, logits_fake,
                                               factor=settings.vae_loss.discriminator_factor_at(step))
     logs.update({f"disc/{k}": v for k, v in d_logs.items()})

@@ -47,6 +47,33 @@ CKPT_DIR = "checkpoints"
 ENGINES = ("sit", "vae", "disc")
 
 
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16/fp16 tensor-core peaks, for MFU
+
+
+def estimate_flops_per_image(cfg: TrainConfig) -> float:
+    """Training FLOPs per image of the SiT and the VAE (matmuls, convs, attention; counted on the meta
+    device): SiT pass 3x forward, align pass ~2x forward of the blocks up to the projector, VAE 3x forward.
+    DINOv2, LPIPS and the discriminator are left out, so the MFU built on it is a lower bound."""
+    from dataclasses import replace
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = replace(cfg, kernel_backend="eager")  # the Triton kernels do not run on meta tensors
+    with torch.device("meta"):
+        sit, vae = build_sit_from_config(cfg), build_vae(build_vae_config(cfg))
+        c, R = sit.config, cfg.data.resolution
+        z = torch.zeros(1, c.in_channels, c.input_size, c.input_size)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            sit(z, torch.zeros(1, dtype=torch.long), torch.zeros(1), z, use_batch_stats=False)
+        sit_f = counter.get_total_flops()
+        counter = FlopCounterMode(display=False)
+        with counter:
+            vae(torch.zeros(1, 3, R, R), sample_posterior=False)
+        vae_f = counter.get_total_flops()
+    return 3 * sit_f + 2 * sit_f * c.encoder_depth / c.depth + 3 * vae_f
+
+
 class RunStopped(RuntimeError):
     """The run stopped on purpose (too many non-finite losses); the message names the model and step."""
 
@@ -191,6 +218,7 @@ class Trainer:
         self.nan_total = {k: 0 for k in ENGINES}
         self.history: dict[str, list] = {}
         self._stop_signal: int | None = None
+        self._flops_per_image = estimate_flops_per_image(cfg) if torch.cuda.is_available() else None
 
         torch.manual_seed(cfg.schedule.seed)  # identical initial weights on every rank
         encoders = [e.to(self.device) for e in build_encoders(cfg)]
@@ -430,6 +458,12 @@ class Trainer:
         values = dict(zip(keys, vec.tolist()))
         elapsed = time.time() - t0
         values["perf/img_per_s"] = count * self.cfg.schedule.global_batch_size / max(elapsed, 1e-9)
+        if self._flops_per_image is not None:
+            tflops = self._flops_per_image * values["perf/img_per_s"] / self.world / 1e12
+            values["perf/tflops_per_gpu_est"] = tflops
+            peak = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name()), None)
+            if peak is not None:
+                values["perf/mfu_est"] = tflops / peak
         for name, engine in self.engines.items():
             norm = engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None
             if norm is not None:

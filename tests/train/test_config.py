@@ -68,3 +68,20 @@ def test_missing_files_name_the_key(tmp_path):
     cfg = config_from_dict({"data": {"source": "demo"}})
     with pytest.raises(ValueError, match="vae.weights is not set"):
         check_paths(cfg)
+
+
+def test_fp16_needs_the_deepspeed_loss_scaler():
+    with pytest.raises(ValueError, match=r"precision=fp16 needs loss scaling: set deepspeed\.fp16\.enabled=true"):
+        load_config(CONFIGS / "tiny_cpu.json", ["schedule.precision=fp16"])
+    cfg = load_config(CONFIGS / "tiny_cpu.json", ["schedule.precision=fp16", 'deepspeed.fp16={"enabled": true}'])
+    assert cfg.deepspeed["fp16"]["enabled"] is True
+
+
+def test_flops_estimate_on_meta():
+    from repae.train.trainer import estimate_flops_per_image
+
+    tiny = estimate_flops_per_image(load_config(CONFIGS / "tiny_cpu.json"))
+    full = estimate_flops_per_image(load_config(CONFIGS / "sitxl_repae.json"))
+    assert 0 < tiny < full
+    # spec §9.2: SiT-XL/2 ~237 GFLOP/img forward, SD-VAE ~0.89 TFLOP/img forward -> ~3.5 TFLOP/img trained
+    assert 3.0e12 < full < 4.5e12
