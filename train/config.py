@@ -19,6 +19,8 @@ import types
 import typing
 from dataclasses import dataclass, field
 
+from repae.model.losses import VAELossConfig
+
 PRECISIONS = ("bf16", "fp16", "fp32")
 WEIGHTINGS = ("uniform", "lognormal")
 PATH_TYPES = ("linear", "cosine")
@@ -101,26 +103,14 @@ class EncoderSection:
 
 @dataclass(frozen=True, kw_only=True)
 class LossSection:
-    """Loss weights (spec §1.3, §4.1)."""
+    """Loss weights (spec §1.3, §4.1) and the LPIPS / discriminator options."""
 
     proj_coeff: float = 0.5
     """REPA loss weight in the SiT loss."""
     vae_align_proj_coeff: float = 1.5
     """Alignment loss weight in the VAE loss (the end-to-end signal)."""
-    reconstruction_weight: float = 1.0
-    """L1 reconstruction weight."""
-    perceptual_weight: float = 1.0
-    """LPIPS weight."""
-    kl_weight: float = 1e-6
-    """KL weight."""
-    discriminator_weight: float = 0.1
-    """GAN generator term weight (fixed d_weight, no adaptive weight)."""
-    discriminator_factor: float = 1.0
-    """Hinge loss factor, and the GAN term factor once step >= discriminator_start."""
-    discriminator_start: int = 0
-    """Step from which the GAN terms count."""
-    lpips_double_rescale: bool = True
-    """True: LPIPS sees [-3, 1] as in the released checkpoints; False: the upstream fix (PR #17)."""
+    vae: VAELossConfig = field(default_factory=VAELossConfig)
+    """The VAE generator / discriminator loss weights and lpips_double_rescale (model/losses.py)."""
     lpips_weights: str | None = None
     """VGG16 trunk file (torchvision vgg16-397923af.pth); None: looked up by name."""
     lpips_allow_random: bool = False

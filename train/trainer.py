@@ -32,7 +32,6 @@ import torch.distributed as dist
 from repae.kernels import allreduce_stats_hook
 from repae.model.discriminator import build_discriminator
 from repae.model.encoders import DINOv2Encoder, parse_enc_type
-from repae.model.losses import VAELossConfig
 from repae.model.lpips import LPIPS
 from repae.model.sit import SiT, sit_config
 from repae.model.vae import VAE_CONFIGS, VAEConfig, build_vae, latents_stats_path, load_latents_stats, load_vae_weights
@@ -128,20 +127,12 @@ def build_encoders(cfg: TrainConfig) -> list[DINOv2Encoder]:
 
 def build_lpips(cfg: TrainConfig) -> LPIPS:
     try:
-        return LPIPS(cfg.loss.lpips_double_rescale, vgg_weights=cfg.loss.lpips_weights)
+        return LPIPS(cfg.loss.vae.lpips_double_rescale, vgg_weights=cfg.loss.lpips_weights)
     except FileNotFoundError as err:
         if not cfg.loss.lpips_allow_random:
             raise
         log0(f"NOTE: {err} loss.lpips_allow_random is set: LPIPS uses a RANDOM VGG16 trunk (demo only)")
-        return LPIPS(cfg.loss.lpips_double_rescale, pretrained=False)
-
-
-def vae_loss_config(cfg: TrainConfig) -> VAELossConfig:
-    L = cfg.loss
-    return VAELossConfig(reconstruction_weight=L.reconstruction_weight, perceptual_weight=L.perceptual_weight,
-                         kl_weight=L.kl_weight, discriminator_weight=L.discriminator_weight,
-                         discriminator_factor=L.discriminator_factor, discriminator_start=L.discriminator_start,
-                         lpips_double_rescale=L.lpips_double_rescale)
+        return LPIPS(cfg.loss.vae.lpips_double_rescale, pretrained=False)
 
 
 def ds_config(cfg: TrainConfig, world_size: int, grad_clip: float) -> dict:
@@ -260,7 +251,7 @@ class Trainer:
         sit.bn.float()
         self.models = StepModels(sit=engines["sit"], vae=engines["vae"], disc=engines["disc"], lpips=lpips,
                                  encoders=encoders, ema=self.ema)
-        self.settings = StepSettings(vae_loss=vae_loss_config(cfg), proj_coeff=cfg.loss.proj_coeff,
+        self.settings = StepSettings(vae_loss=cfg.loss.vae, proj_coeff=cfg.loss.proj_coeff,
                                      vae_align_proj_coeff=cfg.loss.vae_align_proj_coeff,
                                      ema_decay=cfg.schedule.ema_decay, precision=cfg.schedule.precision,
                                      kernel_backend=cfg.kernel_backend)

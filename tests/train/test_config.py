@@ -23,7 +23,8 @@ def test_shipped_configs_load(name):
 def test_paper_recipe_defaults():
     cfg = load_config(CONFIGS / "sitxl_repae.json")
     assert (cfg.sit.name, cfg.vae.name, cfg.encoder.enc_type) == ("SiT-XL/2", "f8d4", "dinov2-vit-b")
-    assert (cfg.loss.proj_coeff, cfg.loss.vae_align_proj_coeff, cfg.loss.kl_weight) == (0.5, 1.5, 1e-6)
+    assert (cfg.loss.proj_coeff, cfg.loss.vae_align_proj_coeff, cfg.loss.vae.kl_weight) == (0.5, 1.5, 1e-6)
+    assert cfg.loss.vae.lpips_double_rescale is True
     assert cfg.schedule.global_batch_size == 256 and cfg.optim_vae.betas == (0.9, 0.999)
     assert cfg.deepspeed["zero_optimization"]["stage"] == 2
     assert load_config(CONFIGS / "sitxl1_repae_f16d32.json").vae.name == "f16d32"
@@ -44,7 +45,8 @@ def test_dotted_overrides():
     ("optim_vae.lr=0", r"optim\.lr=0\.0 must be > 0"),
     ("deepspeed.train_batch_size=64", r"deepspeed\.train_batch_size is set by the trainer"),
     ("deepspeed.zero_optimization.stage=3", r"stage=3 must be 0, 1 or 2"),
-    ("loss.lpips_double_rescale=1", r"lpips_double_rescale=1 has the wrong type"),
+    ("loss.vae.lpips_double_rescale=1", r"lpips_double_rescale=1 has the wrong type"),
+    ("loss.vae.kl_weight=-1.0", r"kl_weight"),
     ("noequals", r"must look like section\.key=value"),
 ])
 def test_bad_keys_and_values_name_the_key(override, match):
