@@ -14,6 +14,9 @@ import pytest
 
 from conftest import CONFIGS
 
+pytest.importorskip("deepspeed")
+pytest.importorskip("lpips")
+
 MAIN = Path(__file__).resolve().parents[2] / "train" / "main.py"
 TINY = ["--config", str(CONFIGS / "tiny_cpu.json"), "--set", "schedule.global_batch_size=4",
         "--set", "logging.tensorboard=false", "--set", "logging.sample_every=0"]

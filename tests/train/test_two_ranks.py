@@ -15,7 +15,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+
+pytest.importorskip("deepspeed")
+pytest.importorskip("lpips")
 from test_step import LR
 
 SCRIPT = r'''
