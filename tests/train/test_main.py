@@ -22,8 +22,17 @@ TINY = ["--config", str(CONFIGS / "tiny_cpu.json"), "--set", "schedule.global_ba
         "--set", "logging.tensorboard=false", "--set", "logging.sample_every=0"]
 
 
+_DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+
+
+def clean_env() -> dict:
+    """This process's environment without the distributed variables an in-process test world may have set
+    (a child would otherwise try to listen on the parent's MASTER_PORT)."""
+    return {**{k: v for k, v in os.environ.items() if k not in _DIST_VARS}, "DS_ACCELERATOR": "cpu"}
+
+
 def run_main(*args, timeout=300):
-    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    env = clean_env()
     return subprocess.run([sys.executable, str(MAIN), *TINY, *args], capture_output=True, text=True, env=env,
                           timeout=timeout)
 
@@ -44,7 +53,7 @@ def test_errors_are_one_line_naming_the_key(tmp_path, override, message):
 
 
 def test_sigterm_checkpoints_and_the_same_command_resumes(tmp_path):
-    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    env = clean_env()
     args = [sys.executable, str(MAIN), *TINY, "--set", f"logging.run_dir={tmp_path}", "--set", "logging.log_every=1",
             "--set", "schedule.max_steps=200", "--set", "logging.ckpt_every=1000"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)

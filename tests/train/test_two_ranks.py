@@ -20,6 +20,7 @@ import torch
 
 pytest.importorskip("deepspeed")
 pytest.importorskip("lpips")
+from test_main import clean_env
 from test_step import LR
 
 SCRIPT = r'''
@@ -45,7 +46,7 @@ def run(tmp_path: Path, nproc: int, *overrides: str) -> dict:
     out = tmp_path / f"state{nproc}.pt"
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    env = {**clean_env(), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
            str(29500 + nproc + os.getpid() % 1000), str(script), str(tmp_path / f"run{nproc}"), str(out),
            str(Path(__file__).resolve().parent), *overrides]
