@@ -35,7 +35,6 @@ from repae.model.encoders import DINOv2Encoder, parse_enc_type
 from repae.model.lpips import LPIPS
 from repae.model.sit import SiT, sit_config
 from repae.model.vae import VAE_CONFIGS, VAEConfig, build_vae, latents_stats_path, load_latents_stats, load_vae_weights
-from repae.model.weights import load_weights
 
 from .config import TrainConfig, check_paths
 from .ema import EMA
