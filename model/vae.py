@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -342,13 +342,21 @@ class AutoencoderKL(nn.Module):
         return posterior, z, self.decode(z)
 
 
-def build_vae(name: str | VAEConfig = "f8d4") -> AutoencoderKL:
-    """AutoencoderKL from a registry name ("f8d4", "f16d32") or a VAEConfig (randomly initialized)."""
-    if isinstance(name, VAEConfig):
-        return AutoencoderKL(name)
+def vae_config(name: str = "f8d4", **overrides) -> VAEConfig:
+    """The registry config `name` with fields replaced by `overrides` (lists allowed: VAEConfig makes tuples);
+    an unknown name or field is a ValueError naming it."""
     if name not in VAE_CONFIGS:
         raise ValueError(f"unknown VAE {name!r}; known: {', '.join(VAE_CONFIGS)}")
-    return AutoencoderKL(VAE_CONFIGS[name])
+    known = [f.name for f in fields(VAEConfig)]
+    unknown = [k for k in overrides if k not in known]
+    if unknown:
+        raise ValueError(f"unknown VAE config key {unknown[0]!r} (known: {', '.join(known)})")
+    return replace(VAE_CONFIGS[name], **overrides)
+
+
+def build_vae(name: str | VAEConfig = "f8d4") -> AutoencoderKL:
+    """AutoencoderKL from a registry name ("f8d4", "f16d32") or a VAEConfig (randomly initialized)."""
+    return AutoencoderKL(name if isinstance(name, VAEConfig) else vae_config(name))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -24,7 +24,6 @@ import shutil
 import signal
 import time
 import warnings
-from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
@@ -34,7 +33,7 @@ from repae.model.discriminator import build_discriminator
 from repae.model.encoders import DINOv2Encoder, parse_enc_type
 from repae.model.lpips import LPIPS
 from repae.model.sit import SiT, sit_config
-from repae.model.vae import VAE_CONFIGS, VAEConfig, build_vae, latents_stats_path, load_latents_stats, load_vae_weights
+from repae.model.vae import VAEConfig, build_vae, vae_config, latents_stats_path, load_latents_stats, load_vae_weights
 
 from .config import TrainConfig, check_paths
 from .ema import EMA
@@ -98,14 +97,10 @@ def build_sit_from_config(cfg: TrainConfig) -> SiT:
 
 
 def build_vae_config(cfg: TrainConfig) -> VAEConfig:
-    if cfg.vae.name not in VAE_CONFIGS:
-        raise ValueError(f"config key vae.name={cfg.vae.name!r} must be one of {list(VAE_CONFIGS)}")
-    base = asdict(VAE_CONFIGS[cfg.vae.name])
-    unknown = [k for k in cfg.vae.overrides if k not in base]
-    if unknown:
-        raise ValueError(f"unknown config key vae.overrides.{unknown[0]} (known: {', '.join(base)})")
-    base.update({k: tuple(v) if isinstance(v, list) else v for k, v in cfg.vae.overrides.items()})
-    return VAEConfig(**base)
+    try:
+        return vae_config(cfg.vae.name, **cfg.vae.overrides)
+    except ValueError as err:
+        raise ValueError(f"config key vae.name / vae.overrides: {err}") from err
 
 
 def build_encoders(cfg: TrainConfig) -> list[DINOv2Encoder]:

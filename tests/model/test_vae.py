@@ -25,6 +25,7 @@ from repae.model.vae import (
     load_latents_stats,
     load_vae_weights,
     save_latents_stats,
+    vae_config,
 )
 from repae.model.weights import save_weights
 
@@ -438,3 +439,12 @@ def test_real_diffusers_model_matches_hand_naming_and_computes_the_same(tmp_path
         torch.testing.assert_close(post.kl(), dist.kl(), atol=1e-3, rtol=1e-5)
         z = dist.mean
         torch.testing.assert_close(ours.decode(z), theirs.decode(z).sample, atol=1e-4, rtol=1e-4)
+
+
+def test_vae_config_overrides_and_errors():
+    cfg = vae_config("f8d4", ch=32, ch_mult=[1, 2, 2, 2])
+    assert cfg.ch_mult == (1, 2, 2, 2) and cfg.embed_dim == 4 and cfg.factor == 8
+    with pytest.raises(ValueError, match="unknown VAE config key 'chans'"):
+        vae_config("f8d4", chans=3)
+    with pytest.raises(ValueError, match="unknown VAE 'f4d2'"):
+        vae_config("f4d2")
