@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from torch import nn
 
 from .discriminator import build_discriminator
 from .sit import SiT, build_sit, sit_config_from_args
-from .vae import VAE_CONFIGS, build_vae
+from .vae import build_vae, vae_config
 from .weights import load_state_dict_checked, read_weight_file, state_dict_from
 
 DEFAULT_VAE = "f8d4"
@@ -54,19 +54,20 @@ def read_run_args(path: str | os.PathLike) -> dict:
     obj = read_weight_file(path, what="checkpoint")
     if "args" not in obj:
         raise ValueError(f"checkpoint {path} holds no `args`; pass the run's args.json")
-    args = obj["args"]
+    return _args_dict(obj["args"])
+
+
+def _args_dict(args) -> dict:
+    """A checkpoint's `args`: a plain dict (our exports) or the original's argparse.Namespace."""
     return dict(args) if isinstance(args, dict) else dict(vars(args))
 
 
 def build_from_args(args: dict) -> ReleasedModels:
     """SiT, VAE and discriminator shaped as the run's arguments say (REPA-E names: model, vae, resolution,
     enc_type, encoder_depth, cfg_prob, bn_momentum, qk_norm, ...), with fresh weights."""
-    vae_name = args.get("vae", DEFAULT_VAE)
-    if vae_name not in VAE_CONFIGS:
-        raise ValueError(f"args: unknown vae {vae_name!r}; known: {sorted(VAE_CONFIGS)}")
     # Runs exported by repae carry their whole config: a non-registry (tiny) VAE is rebuilt from it.
     overrides = args.get("repae_config", {}).get("vae", {}).get("overrides", {})
-    vae_cfg = replace(VAE_CONFIGS[vae_name], **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+    vae_cfg = vae_config(args.get("vae", DEFAULT_VAE), **overrides)
     return ReleasedModels(sit=build_sit(sit_config_from_args(args)), vae=build_vae(vae_cfg),
                           discriminator=build_discriminator(), args=dict(args))
 
@@ -83,8 +84,7 @@ def load_released_checkpoint(path: str | os.PathLike, *, args: dict | str | os.P
     obj = read_weight_file(path, what="checkpoint")
     if args is None:
         if "args" in obj:
-            a = obj["args"]
-            args = dict(a) if isinstance(a, dict) else dict(vars(a))
+            args = _args_dict(obj["args"])
         else:
             args = read_run_args(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), "args.json"))
     elif not isinstance(args, dict):
