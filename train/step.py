@@ -113,9 +113,14 @@ def frozen_call(module: nn.Module, *args, **kwargs):
     return functional_call(module, params, args, kwargs, strict=False)
 
 
-def _finite(loss: torch.Tensor) -> bool:
+def _update(engine, loss: torch.Tensor, logs: dict[str, torch.Tensor], name: str) -> None:
+    """engine.backward(loss) + engine.step() unless the loss is non-finite; logs[name/skipped] = 0. or 1."""
     # PERF: one host sync per model and step, the price of skipping a non-finite update before it lands.
-    return bool(torch.isfinite(loss))
+    finite = bool(torch.isfinite(loss))
+    logs[f"{name}/skipped"] = torch.tensor(0.0 if finite else 1.0)
+    if finite:
+        engine.backward(loss)
+        engine.step()
 
 
 def train_step(models: StepModels, inputs: StepInputs, settings: StepSettings, *, step: int,
@@ -161,10 +166,7 @@ def train_step(models: StepModels, inputs: StepInputs, settings: StepSettings, *
     logs.update({f"vae/{k}": v for k, v in vae_logs.items()})
     logs["vae/align_loss"] = align_loss.detach()
     logs["vae/loss"] = vae_loss.detach()
-    logs["vae/skipped"] = torch.tensor(0.0 if _finite(vae_loss) else 1.0)
-    if logs["vae/skipped"] == 0:
-        models.vae.backward(vae_loss)
-        models.vae.step()
+    _update(models.vae, vae_loss, logs, "vae")
     del align, vae_loss
     mark("vae_backward_step")
 
@@ -174,10 +176,7 @@ def train_step(models: StepModels, inputs: StepInputs, settings: StepSettings, *
     d_loss, d_logs = discriminator_hinge_loss(logits_real, logits_fake,
                                               factor=settings.vae_loss.discriminator_factor_at(step))
     logs.update({f"disc/{k}": v for k, v in d_logs.items()})
-    logs["disc/skipped"] = torch.tensor(0.0 if _finite(d_loss) else 1.0)
-    if logs["disc/skipped"] == 0:
-        models.disc.backward(d_loss)
-        models.disc.step()
+    _update(models.disc, d_loss, logs, "disc")
     mark("disc")
 
     # 4. SiT on sg(z): same t and eps, BN on (global) batch statistics, label dropout by the given mask.
@@ -190,10 +189,7 @@ def train_step(models: StepModels, inputs: StepInputs, settings: StepSettings, *
     mark("sit_forward")
     logs.update({"sit/denoising_loss": dn_loss.detach(), "sit/proj_loss": proj_loss.detach(),
                  "sit/loss": sit_loss.detach()})
-    logs["sit/skipped"] = torch.tensor(0.0 if _finite(sit_loss) else 1.0)
-    if logs["sit/skipped"] == 0:
-        models.sit.backward(sit_loss)
-        models.sit.step()
+    _update(models.sit, sit_loss, logs, "sit")
     mark("sit_backward_step")
 
     # 5. EMA of the SiT (parameters and BN buffers).
