@@ -26,6 +26,7 @@ from original_sit import OriginalSiT  # noqa: E402
 
 from conftest import tiny_config  # noqa: E402
 from repae.train.step import StepInputs  # noqa: E402
+from step_inputs import synthetic_inputs  # noqa: E402  (bench/, on the test path)
 
 LR = 1e-4
 
@@ -121,14 +122,9 @@ def assert_params_close(name, ours, theirs):
 
 
 def make_inputs(trainer, seed):
-    g = torch.Generator().manual_seed(seed)
-    c = trainer.models.sit.module.config
-    B, R = trainer.cfg.schedule.global_batch_size, trainer.cfg.data.resolution
-    lat = (B, c.in_channels, c.input_size, c.input_size)
-    return StepInputs(images=torch.randint(0, 256, (B, 3, R, R), generator=g, dtype=torch.uint8),
-                      labels=torch.randint(0, c.num_classes, (B,), generator=g), t=torch.rand(B, generator=g),
-                      noise=torch.randn(lat, generator=g), drop_mask=torch.tensor([True] + [False] * (B - 1)),
-                      posterior_noise=torch.randn(lat, generator=g))
+    """Random inputs with the first label always dropped (so the null class is exercised)."""
+    B = trainer.cfg.schedule.global_batch_size
+    return synthetic_inputs(trainer, seed, drop_mask=torch.tensor([True] + [False] * (B - 1)))
 
 
 def test_two_steps_match_the_reference(tmp_path, ds_world):
