@@ -12,8 +12,10 @@ coefficients and `make_latent_bn_inputs`. No Triton.
         cosine: alpha = cos(pi t / 2), sigma = sin(pi t / 2), alpha' = -pi/2 sin(pi t / 2), sigma' = pi/2 cos(pi t / 2)
     denormalize (sampling, 1.6): z = x / rsqrt(running_var) + running_mean   (no eps)
 
-A stats hook (SyncBN semantics) receives the local per-channel statistics as a [3, C] fp32 tensor
-(count, sum(z - K), sum((z - K)^2)) with K = running_mean, and must sum it over ranks in place.
+A stats hook (SyncBN semantics) receives local per-channel statistics as a [3, C] tensor (fp32; fp64
+for fp64 latents) (count, sum(z - K), sum((z - K)^2)) and must sum it over ranks in place. It is called
+twice per training forward: K = running_mean, then K = the global mean that the first call gave, so
+the variance is an exact two-pass one however far the running mean is from the batch mean.
 """
 
 # B batch, C latent channels, H, W latent height and width
@@ -91,15 +93,18 @@ def latent_bn_ref(
             "detach z (as REPA-E's SiT pass does) or use the triton backend"
         )
     dims = (0, 2, 3)
-    shifted = zz - _channel_view(rm)
     count = torch.full_like(rm, z.numel() // z.shape[1])
-    stats = torch.stack([count, shifted.sum(dims), shifted.square().sum(dims)]).float()
-    if stats_hook is not None:
-        stats_hook(stats)
-    n, s1, s2 = stats.to(dtype).unbind(0)
-    mean = rm + s1 / n
+    shift = rm
+    for _ in range(2 if stats_hook is not None else 1):  # with a hook: about rm, then about the global mean
+        shifted = zz - _channel_view(shift)
+        stats = torch.stack([count, shifted.sum(dims), shifted.square().sum(dims)])
+        if stats_hook is not None:
+            stats_hook(stats)
+        n, s1, s2 = stats.unbind(0)
+        k, shift = shift, shift + s1 / n
+    mean = k + s1 / n
     var = (s2 / n - (s1 / n).square()).clamp_min(0)
-    x0 = ((zz - _channel_view(mean)) * _channel_view((var + eps).rsqrt())).to(out_dtype)
+    x0 = ((zz - _channel_view(k) - _channel_view(s1 / n)) * _channel_view((var + eps).rsqrt())).to(out_dtype)
     with torch.no_grad():
         running_mean.copy_(rm * (1 - factor) + mean * factor)
         running_var.copy_(rv * (1 - factor) + var * (n / (n - 1)) * factor)

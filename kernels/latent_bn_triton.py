@@ -4,11 +4,17 @@ Forward, per channel c over its n = B*H*W elements (fp32 math, fp64 for fp64 lat
     STATS_FUSED  (one launch, one program per channel): K = mean(z), then s1 = sum(z - K),
                  s2 = sum((z - K)^2): an exact two-pass variance; the running-stat update, the
                  normalisation and the interpolation follow in the same program.
-    STATS_LOCAL  (SyncBN, launch 1 of 2): s1, s2 about K = running_mean[c]; writes (n, s1, s2, K) to
+    STATS_LOCAL  (SyncBN, launch 1 of 3): s1, s2 about K = running_mean[c]; writes (n, s1, s2, K) to
                  STATS [4, C]. The caller's hook sums rows 0..2 over ranks.
-    STATS_GLOBAL (SyncBN, launch 2 of 2): reads the summed (n, s1, s2) and K from STATS.
+    STATS_RECENTER (SyncBN, launch 2 of 3): s1, s2 again, about K = the global mean of launch 1
+                 (K + s1/n there); the hook sums them. Sums about the running mean alone lose the
+                 variance to cancellation when the batch mean is far from it in units of the batch std
+                 (first steps, a drifting VAE); about the global mean this is an exact two-pass variance.
+    STATS_GLOBAL (SyncBN, launch 3 of 3): reads the summed (n, s1, s2) and K of launch 2.
     STATS_EVAL   : mean, var = running_mean, running_var.
     mean = K + s1/n,  var = s2/n - (s1/n)^2 (biased),  rstd = 1/sqrt(var + eps)
+    x0 = ((z - K) - s1/n) * rstd   (K first: z - K is exact for z near K, so a mean far from 0 in units
+                                    of the std keeps its digits; eval: K = running_mean, s1 = 0)
     running_mean <- (1-f) running_mean + f mean,  running_var <- (1-f) running_var + f var n/(n-1)
                  (f = momentum, or 1/num_batches_tracked for momentum=None; program 0 of each
                  channel writes, and num_batches_tracked += 1 in the same launch)
@@ -38,7 +44,7 @@ from ._checks import check_latent_bn_inputs
 from ._launch import acc_dtype, check_runnable, contiguous, device_sm_count, tl_dtype
 from .latent_bn_ref import PATHS, StatsHook
 
-STATS_EVAL, STATS_FUSED, STATS_LOCAL, STATS_GLOBAL = 0, 1, 2, 3
+STATS_EVAL, STATS_FUSED, STATS_LOCAL, STATS_GLOBAL, STATS_RECENTER = 0, 1, 2, 3, 4
 BLOCK = 1024
 
 
@@ -80,7 +86,7 @@ def _channel_sums(X, c, C, HW, n, shift, BLOCK: tl.constexpr, ACC: tl.constexpr)
 def _latent_bn_fwd_kernel(
     Z, T, NOISE,  # inputs
     X0, XT, VT,  # outputs
-    RM, RV, NBT, MEAN, RSTD, STATS,  # running stats (updated in place), saved stats, SyncBN stats
+    RM, RV, NBT, MEAN, RSTD, STATS, STATS_PREV,  # running stats (updated in place), saved stats, SyncBN stats
     C, HW, n, chunk, momentum, eps,
     STATS_MODE: tl.constexpr,
     CUMULATIVE: tl.constexpr,  # momentum=None: f = 1/num_batches_tracked
@@ -94,14 +100,19 @@ def _latent_bn_fwd_kernel(
     pid_chunk = tl.program_id(1)
     rm = tl.load(RM + c)
     rv = tl.load(RV + c)
-    if STATS_MODE == 2:  # STATS_LOCAL: local sums about the running mean, then stop
-        s1, s2 = _channel_sums(Z, c, C, HW, n, rm, BLOCK, ACC)
+    if STATS_MODE == 2 or STATS_MODE == 4:  # STATS_LOCAL / STATS_RECENTER: local sums about k, then stop
+        if STATS_MODE == 2:
+            k = rm.to(ACC)
+        else:  # the global mean from the summed sums of STATS_LOCAL
+            k = tl.load(STATS_PREV + 3 * C + c) + tl.load(STATS_PREV + C + c) / tl.load(STATS_PREV + c)
+        s1, s2 = _channel_sums(Z, c, C, HW, n, k, BLOCK, ACC)
         tl.store(STATS + c, n * 1.0)
         tl.store(STATS + C + c, s1)
         tl.store(STATS + 2 * C + c, s2)
-        tl.store(STATS + 3 * C + c, rm)
+        tl.store(STATS + 3 * C + c, k)
         return
     if STATS_MODE == 0:
+        k = rm
         mean = rm
         rstd = 1.0 / tl.sqrt(rv + eps)
     else:
@@ -138,7 +149,10 @@ def _latent_bn_fwd_kernel(
         m = j < j_end
         b = j // HW
         offs = b.to(tl.int64) * C * HW + c * HW + j % HW
-        x0 = (tl.load(Z + offs, mask=m, other=0.0).to(ACC) - mean) * rstd
+        x0 = tl.load(Z + offs, mask=m, other=0.0).to(ACC) - k  # exact when z is near k (Sterbenz)
+        if STATS_MODE != 0:
+            x0 = x0 - d  # the small remainder of the mean: (z - k) - d keeps digits that z - (k + d) loses
+        x0 = x0 * rstd
         if WRITE_X0:
             tl.store(X0 + offs, x0.to(X0.dtype.element_ty), mask=m)
         if INTERP:
@@ -293,17 +307,20 @@ def latent_bn_fwd(z, t, noise, running_mean, running_var, num_batches_tracked, *
                   ACC=tl_dtype(mean.dtype))
     outs = (x0 if write_x0 else z, xt if interp else z, vt if interp else z)
     mode = STATS_EVAL if not training else (STATS_FUSED if stats_hook is None else STATS_GLOBAL)
-    if mode == STATS_GLOBAL:
-        stats = torch.empty(4, C, device=z.device, dtype=mean.dtype)
-        _latent_bn_fwd_kernel[(C, 1)](
-            z, t_arg, noise if interp else z, *outs, running_mean, running_var, nbt, mean, rstd, stats,
-            C, HW, n, n, momentum or 0.0, eps, STATS_MODE=STATS_LOCAL, **common,
-        )
-        stats_hook(stats[:3])
+    if mode == STATS_GLOBAL:  # two rounds of global sums: about the running mean, then about the global mean
+        prev = None
+        for stats_mode in (STATS_LOCAL, STATS_RECENTER):
+            stats = torch.empty(4, C, device=z.device, dtype=mean.dtype)
+            _latent_bn_fwd_kernel[(C, 1)](
+                z, t_arg, noise if interp else z, *outs, running_mean, running_var, nbt, mean, rstd, stats,
+                stats if prev is None else prev, C, HW, n, n, momentum or 0.0, eps, STATS_MODE=stats_mode, **common,
+            )
+            stats_hook(stats[:3])
+            prev = stats
     grid, chunk = _grid(z, mode)
     _latent_bn_fwd_kernel[grid](
         z, t_arg, noise if interp else z, *outs, running_mean, running_var, nbt, mean, rstd,
-        stats if stats is not None else mean,
+        stats if stats is not None else mean, mean,
         C, HW, n, chunk, momentum or 0.0, eps, STATS_MODE=mode, **common,
     )
     return x0, xt, vt, mean, rstd
