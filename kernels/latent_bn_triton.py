@@ -27,7 +27,8 @@ Denormalisation: z = x / rsqrt(running_var) + running_mean (no eps), and its bac
 
 Shapes: z, noise: [B, C, H, W] contiguous NCHW, any float dtype (outputs take z's dtype); t: B elements;
 running stats [C] fp32; num_batches_tracked int64 0-d. Saved for backward: z, t, mean/rstd [C] fp32.
-Grid: (C, chunks) over B*H*W; the fused-stats mode uses (C, 1). Deterministic: every reduction is a
+Grid: (C, chunks) over B*H*W, 1024-element iterations; the launches that reduce a whole channel use
+(C, 1) with up to 8192-element iterations over 16 warps (see _channel_launch). Deterministic: every reduction is a
 fixed-order sum inside one program (no atomics), so repeated calls are bitwise equal.
 Bytes: forward reads z, eps and writes x_t, v* (or x0); backward reads dx_t, dv*, z and writes dz.
 """
@@ -45,7 +46,8 @@ from ._launch import acc_dtype, check_runnable, contiguous, device_sm_count, tl_
 from .latent_bn_ref import PATHS, StatsHook
 
 STATS_EVAL, STATS_FUSED, STATS_LOCAL, STATS_GLOBAL, STATS_RECENTER = 0, 1, 2, 3, 4
-BLOCK = 1024
+BLOCK = 1024  # elements per loop iteration of a program that owns a chunk of a channel (4 warps)
+CHANNEL_BLOCK = 8192  # ... of a program that owns a whole channel (the statistics launches)
 
 
 @triton.jit
@@ -264,6 +266,19 @@ def _latent_bn_denorm_kernel(X, RV, RM, OUT, C, HW, numel, ADD_MEAN: tl.constexp
 # ---------------------------------------------------------------------------------------------------
 
 
+def _channel_launch(n: int) -> dict:
+    """BLOCK and num_warps of a launch with one program per channel (batch statistics in one program).
+
+    Such a launch has only C programs (4 for f8d4) on 132 SMs, each walking its n = B*H*W elements in
+    a serial loop: it is bound by memory latency, not bandwidth, so each iteration should have as many
+    bytes in flight as one SM allows: up to 8192 elements over 16 warps (16 per thread, four 128-bit
+    loads for fp32) instead of 1024 over 4. compile_check: no spills at the recipe's shapes.
+    PERF: chosen by that reasoning, not measured (no GPU in the session that wrote it).
+    """
+    block = min(CHANNEL_BLOCK, max(BLOCK, 1 << max(0, (n - 1).bit_length())))
+    return {"BLOCK": block, "num_warps": max(4, block // 512)}
+
+
 def _grid(z: torch.Tensor, stats_mode: int) -> tuple[tuple[int, int], int]:
     """((C, chunks), elements per program): the fused-stats mode needs the whole channel in one
     program; the others spread each channel over about 4 programs per SM in total.
@@ -303,8 +318,9 @@ def latent_bn_fwd(z, t, noise, running_mean, running_var, num_batches_tracked, *
         nbt.add_(1)  # read by the kernel as 1/num_batches_tracked
     stats = None
     t_arg = t.reshape(-1).contiguous() if interp else z
-    common = dict(CUMULATIVE=cumulative, WRITE_X0=write_x0, INTERP=interp, PATH=PATHS.index(path), BLOCK=BLOCK,
+    common = dict(CUMULATIVE=cumulative, WRITE_X0=write_x0, INTERP=interp, PATH=PATHS.index(path),
                   ACC=tl_dtype(mean.dtype))
+    per_channel, chunked = _channel_launch(n), {"BLOCK": BLOCK, "num_warps": 4}
     outs = (x0 if write_x0 else z, xt if interp else z, vt if interp else z)
     mode = STATS_EVAL if not training else (STATS_FUSED if stats_hook is None else STATS_GLOBAL)
     if mode == STATS_GLOBAL:  # two rounds of global sums: about the running mean, then about the global mean
@@ -314,6 +330,7 @@ def latent_bn_fwd(z, t, noise, running_mean, running_var, num_batches_tracked, *
             _latent_bn_fwd_kernel[(C, 1)](
                 z, t_arg, noise if interp else z, *outs, running_mean, running_var, nbt, mean, rstd, stats,
                 stats if prev is None else prev, C, HW, n, n, momentum or 0.0, eps, STATS_MODE=stats_mode, **common,
+                **per_channel,
             )
             stats_hook(stats[:3])
             prev = stats
@@ -322,6 +339,7 @@ def latent_bn_fwd(z, t, noise, running_mean, running_var, num_batches_tracked, *
         z, t_arg, noise if interp else z, *outs, running_mean, running_var, nbt, mean, rstd,
         stats if stats is not None else mean, mean,
         C, HW, n, chunk, momentum or 0.0, eps, STATS_MODE=mode, **common,
+        **(per_channel if mode == STATS_FUSED else chunked),
     )
     return x0, xt, vt, mean, rstd
 
@@ -340,16 +358,19 @@ def latent_bn_bwd(dx0, dxt, dvt, z, t, mean, rstd, *, training, path, need_dnois
     args = (dx0 if dx0 is not None else z, dxt if interp else z, dvt if interp else z, z,
             t.reshape(-1).contiguous() if interp else z, mean, rstd)
     common = dict(HAS_DX0=dx0 is not None, INTERP=interp, NEED_DNOISE=need_dnoise, PATH=PATHS.index(path),
-                  BLOCK=BLOCK, ACC=tl_dtype(mean.dtype))
+                  ACC=tl_dtype(mean.dtype))
+    per_channel, chunked = _channel_launch(n), {"BLOCK": BLOCK, "num_warps": 4}
     outs = (dz, dnoise if need_dnoise else dz)
     mode = STATS_EVAL if not training else (STATS_FUSED if stats_hook is None else STATS_GLOBAL)
     stats = mean
     if mode == STATS_GLOBAL:
         stats = torch.empty(3, C, device=z.device, dtype=mean.dtype)
-        _latent_bn_bwd_kernel[(C, 1)](*args, stats, *outs, C, HW, n, n, STATS_MODE=STATS_LOCAL, **common)
+        _latent_bn_bwd_kernel[(C, 1)](*args, stats, *outs, C, HW, n, n, STATS_MODE=STATS_LOCAL, **common,
+                                      **per_channel)
         stats_hook(stats)
     grid, chunk = _grid(z, mode)
-    _latent_bn_bwd_kernel[grid](*args, stats, *outs, C, HW, n, chunk, STATS_MODE=mode, **common)
+    _latent_bn_bwd_kernel[grid](*args, stats, *outs, C, HW, n, chunk, STATS_MODE=mode, **common,
+                                **(per_channel if mode == STATS_FUSED else chunked))
     return dz, dnoise
 
 
