@@ -2,7 +2,7 @@
 
 Providers: "fused" (our SiT: Triton adaLN + latent BN), "eager" (the same SiT on the eager kernel
 backend; for the VAE plain PyTorch), "compile" (torch.compile of the eager model), "fused_compile"
-(torch.compile of the fused model: inductor between the Triton kernels, which it graph-breaks around). Modes "fwd" and
+(torch.compile of the fused model: one graph, the Triton launches as repae:: torch.library ops). Modes "fwd" and
 "fwd_bwd" as in bench/harness.py. Everything runs under bf16 autocast with fp32 parameters and fp32
 residual stream, as training does. FLOPs are counted by torch.utils.flop_counter on the meta device
 (matmuls, convs and attention; elementwise work is not counted), so TFLOP/s and MFU need no hand formula.

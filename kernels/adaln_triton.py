@@ -186,11 +186,13 @@ def adaln_bwd(
     mean_BT: torch.Tensor,
     rstd_BT: torch.Tensor,
     cond_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Launch the backward; returns (dx, dy, dgate, dscale, dshift), condition grads fp32 [B, D] or None."""
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Launch the backward; returns (dx, dy or None, cond or None) with cond = [dgate, dscale, dshift] as one
+    fp32 [3, B, D] tensor (dgate rows are zero without a residual)."""
     B, T, D = xnew_BTD.shape
     has_residual = y_BTD is not None
-    dh_BTD, dxnew_BTD = contiguous(dh_BTD), contiguous(dxnew_BTD)
+    # every [B, T, D] operand is indexed as dense rows (a saved y may be a strided view of the caller's)
+    dh_BTD, dxnew_BTD, xnew_BTD, y_BTD = (contiguous(t) for t in (dh_BTD, dxnew_BTD, xnew_BTD, y_BTD))
     dx = torch.empty_like(xnew_BTD)
     dy = torch.empty_like(y_BTD) if has_residual else None
     rows, chunks = _chunking(xnew_BTD)
@@ -209,19 +211,23 @@ def adaln_bwd(
             BLOCK_D=block, ACC=tl_dtype(mean_BT.dtype), num_warps=warps_for_block(block),
         )
     if not cond_grad:
-        return dx, dy, None, None, None
+        return dx, dy, None
     if B * T == 0:
         parts.zero_()
-    sums = parts.sum(dim=2)  # (3, B, D), fixed-order reduction over chunks: deterministic
-    return dx, dy, (sums[0] if has_residual else None), sums[1], sums[2]
+    cond = parts.sum(dim=2)  # (3, B, D), fixed-order reduction over chunks: deterministic
+    if not has_residual:
+        cond[0].zero_()  # the kernel writes no dgate partials without a residual
+    return dx, dy, cond
 
 
 class AdaLNFn(torch.autograd.Function):
-    """Autograd wrapper: forward returns (x_new, h) with a residual, h alone without one."""
+    """Autograd wrapper: forward returns (x_new, h) with a residual, h alone without one. Under
+    torch.compile (dynamo traces forward and backward) the launches go through the repae:: ops below."""
 
     @staticmethod
     def forward(ctx, x, shift, scale, y, gate, eps, out_dtype):
-        x_new, h, mean, rstd = adaln_fwd(x, shift, scale, y, gate, eps, out_dtype)
+        launch = _fwd_through_op if torch.compiler.is_compiling() else adaln_fwd
+        x_new, h, mean, rstd = launch(x, shift, scale, y, gate, eps, out_dtype)
         ctx.save_for_backward(x_new, scale, y, gate, mean, rstd)
         ctx.has_residual = y is not None
         ctx.cond_dtypes = (shift.dtype, scale.dtype, None if gate is None else gate.dtype)
@@ -234,29 +240,80 @@ class AdaLNFn(torch.autograd.Function):
         dxnew, dh = grads if ctx.has_residual else (None, grads[0])
         if dh is None:
             dh = torch.zeros_like(x_new)
-        _, need_shift, need_scale, _, need_gate = ctx.needs_input_grad[:5]
+        _, need_shift, need_scale, need_y, need_gate = ctx.needs_input_grad[:5]
         cond_grad = need_shift or need_scale or need_gate
-        dx, dy, dgate, dscale, dshift = adaln_bwd(dh, dxnew, x_new, scale, y, gate, mean, rstd, cond_grad)
-
+        launch = _bwd_through_op if torch.compiler.is_compiling() else adaln_bwd
+        dx, dy, cond = launch(dh, dxnew, x_new, scale, y, gate, mean, rstd, cond_grad)
         shift_dtype, scale_dtype, gate_dtype = ctx.cond_dtypes
-
-        def cast(g, dtype, needed):
-            return g.to(dtype) if (needed and g is not None) else None
-
         return (
             dx,
-            cast(dshift, shift_dtype, need_shift),
-            cast(dscale, scale_dtype, need_scale),
-            dy if ctx.needs_input_grad[3] else None,
-            cast(dgate, gate_dtype, need_gate),
+            cond[2].to(shift_dtype) if need_shift else None,
+            cond[1].to(scale_dtype) if need_scale else None,
+            dy if need_y and ctx.has_residual else None,
+            cond[0].to(gate_dtype) if need_gate and ctx.has_residual else None,
             None,
             None,
         )
 
 
-# PERF: torch.compile graph-breaks here and runs the kernels as they are (dynamo cannot trace the
-# launcher; a torch.library.triton_op registration would remove the break).
-@torch.compiler.disable
+# ---------------------------------------------------------------------------------------------------
+# torch.library ops: what torch.compile records for each launch (one opaque graph node each, no graph
+# break). AdaLNFn calls them while compiling and the launchers directly otherwise (less dispatch
+# overhead). An op's output may not alias an input or another output, and an op returns tensors, not
+# None: hence the empty placeholders where a launcher returns x itself or nothing.
+# ---------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op(
+    "repae::adaln_fwd", mutates_args=(),
+    schema="(Tensor x, Tensor shift, Tensor scale, Tensor? y, Tensor? gate, float eps, ScalarType out_dtype) "
+           "-> (Tensor, Tensor, Tensor, Tensor)",
+)
+def adaln_fwd_op(x, shift, scale, y, gate, eps, out_dtype):
+    """adaln_fwd as an op: (x_new, h, mean, rstd), x_new empty without a residual."""
+    x_new, h, mean, rstd = adaln_fwd(x, shift, scale, y, gate, eps, out_dtype)
+    return (x_new if y is not None else x.new_empty(0)), h, mean, rstd
+
+
+@adaln_fwd_op.register_fake
+def _(x, shift, scale, y, gate, eps, out_dtype):
+    B, T, D = x.shape
+    stats = x.new_empty(B * T, dtype=acc_dtype(x))
+    x_new = x.new_empty(x.shape) if y is not None else x.new_empty(0)
+    return x_new, x.new_empty((B, T, D), dtype=out_dtype), stats, torch.empty_like(stats)
+
+
+def _fwd_through_op(x, shift, scale, y, gate, eps, out_dtype):
+    """adaln_fwd's interface over the op."""
+    check_adaln_inputs(x, shift, scale, y, gate)  # at trace time, before the fake kernel sees bad shapes
+    x_new, h, mean, rstd = adaln_fwd_op(x, shift, scale, y, gate, eps, out_dtype)
+    return (x_new if y is not None else x), h, mean, rstd
+
+
+@torch.library.custom_op(
+    "repae::adaln_bwd", mutates_args=(),
+    schema="(Tensor dh, Tensor? dxnew, Tensor xnew, Tensor scale, Tensor? y, Tensor? gate, Tensor mean, Tensor rstd, "
+           "bool cond_grad) -> (Tensor, Tensor, Tensor)",
+)
+def adaln_bwd_op(dh, dxnew, xnew, scale, y, gate, mean, rstd, cond_grad):
+    """adaln_bwd as an op: (dx, dy, cond [3, B, D]), empty where adaln_bwd gives None."""
+    dx, dy, cond = adaln_bwd(dh, dxnew, xnew, scale, y, gate, mean, rstd, cond_grad)
+    return dx, (dy if dy is not None else xnew.new_empty(0)), (cond if cond is not None else mean.new_empty(0))
+
+
+@adaln_bwd_op.register_fake
+def _(dh, dxnew, xnew, scale, y, gate, mean, rstd, cond_grad):
+    B, _, D = xnew.shape
+    dy = y.new_empty(y.shape) if y is not None else xnew.new_empty(0)
+    return xnew.new_empty(xnew.shape), dy, (mean.new_empty((3, B, D)) if cond_grad else mean.new_empty(0))
+
+
+def _bwd_through_op(dh, dxnew, xnew, scale, y, gate, mean, rstd, cond_grad):
+    """adaln_bwd's interface over the op."""
+    dx, dy, cond = adaln_bwd_op(dh, dxnew, xnew, scale, y, gate, mean, rstd, cond_grad)
+    return dx, (dy if y is not None else None), (cond if cond_grad else None)
+
+
 def adaln_triton(x, shift, scale, *, y=None, gate=None, eps=1e-6, out_dtype=None):
     """Triton backend of kernels.adaln: returns (x_new, h)."""
     out_dtype = x.dtype if out_dtype is None else out_dtype

@@ -349,7 +349,8 @@ def latent_bn_bwd(dx0, dxt, dvt, z, t, mean, rstd, *, training, path, need_dnois
     B, C, H, W = z.shape
     HW, n = H * W, B * H * W
     interp = t is not None
-    dx0, dxt, dvt = contiguous(dx0), contiguous(dxt), contiguous(dvt)
+    # every [B, C, H, W] operand is indexed as dense NCHW (the saved z may be a strided view of the caller's)
+    dx0, dxt, dvt, z = contiguous(dx0), contiguous(dxt), contiguous(dvt), contiguous(z)
     if interp and (dxt is None or dvt is None):  # one of x_t, v* unused downstream
         dxt = torch.zeros_like(z) if dxt is None else dxt
         dvt = torch.zeros_like(z) if dvt is None else dvt
@@ -395,13 +396,15 @@ def latent_bn_denorm_fwd(x: torch.Tensor, running_mean: torch.Tensor, running_va
 
 
 class LatentBNFn(torch.autograd.Function):
-    """BN (+ interpolation): returns x0, or (x_t, v*) when t and noise are given."""
+    """BN (+ interpolation): returns x0, or (x_t, v*) when t and noise are given. Under torch.compile
+    (dynamo traces forward and backward) the launches go through the repae:: ops below."""
 
     @staticmethod
     def forward(ctx, z, t, noise, running_mean, running_var, num_batches_tracked, training, momentum, eps, path,
                 stats_hook):
         interp = t is not None
-        x0, xt, vt, mean, rstd = latent_bn_fwd(
+        launch = _fwd_through_op if torch.compiler.is_compiling() else latent_bn_fwd
+        x0, xt, vt, mean, rstd = launch(
             z, t, noise, running_mean, running_var, num_batches_tracked, training=training, momentum=momentum,
             eps=eps, path=path, write_x0=not interp, stats_hook=stats_hook,
         )
@@ -418,9 +421,10 @@ class LatentBNFn(torch.autograd.Function):
         need_dnoise = interp and ctx.needs_input_grad[2] and (dxt is not None or dvt is not None)
         if dx0 is None and dxt is None and dvt is None:
             return (None,) * 11
-        dz, dnoise = latent_bn_bwd(dx0, dxt, dvt, z, t, mean, rstd, training=training, path=path,
-                                   need_dnoise=need_dnoise, stats_hook=stats_hook)
-        return (dz if ctx.needs_input_grad[0] else None, None, dnoise) + (None,) * 8
+        launch = _bwd_through_op if torch.compiler.is_compiling() else latent_bn_bwd
+        dz, dnoise = launch(dx0, dxt, dvt, z, t, mean, rstd, training=training, path=path, need_dnoise=need_dnoise,
+                            stats_hook=stats_hook)
+        return (dz if ctx.needs_input_grad[0] else None, None, dnoise if need_dnoise else None) + (None,) * 8
 
 
 class LatentBNDenormFn(torch.autograd.Function):
@@ -429,33 +433,117 @@ class LatentBNDenormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, running_mean, running_var):
         ctx.save_for_backward(running_mean, running_var)
+        if torch.compiler.is_compiling():
+            check_latent_bn_inputs(x, running_mean, running_var, None)  # at trace time
+            return latent_bn_denorm_op(x, running_mean, running_var, True)
         return latent_bn_denorm_fwd(x, running_mean, running_var, add_mean=True)
 
     @staticmethod
     def backward(ctx, dz):
         running_mean, running_var = ctx.saved_tensors
-        return latent_bn_denorm_fwd(dz, running_mean, running_var, add_mean=False), None, None
+        launch = latent_bn_denorm_op if torch.compiler.is_compiling() else latent_bn_denorm_fwd
+        return launch(dz, running_mean, running_var, False), None, None
 
 
-# PERF: torch.compile graph-breaks here and runs the kernels as they are (dynamo cannot trace the
-# launcher; a torch.library.triton_op registration would remove the break).
+# ---------------------------------------------------------------------------------------------------
+# torch.library ops: what torch.compile records for each launch (one opaque graph node each, no graph
+# break). The autograd Functions above call them while compiling (dynamo traces a Function's forward
+# and backward) and the launchers directly otherwise (less dispatch overhead). A mutating op cannot
+# carry its own autograd formula, which is why the Function, not the op, holds the backward. Empty
+# placeholders stand for the outputs a mode does not write (an op returns tensors, never None).
+# ---------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op(
+    "repae::latent_bn_fwd", mutates_args=("running_mean", "running_var", "num_batches_tracked"),
+    schema="(Tensor z, Tensor? t, Tensor? noise, Tensor(a!) running_mean, Tensor(b!) running_var, "
+           "Tensor(c!)? num_batches_tracked, bool training, float? momentum, float eps, str path) "
+           "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+def latent_bn_fwd_op(z, t, noise, running_mean, running_var, num_batches_tracked, training, momentum, eps, path):
+    """latent_bn_fwd (no hook) as an op: (x0, x_t, v*, mean, rstd); x0 empty with t, x_t and v* without."""
+    x0, xt, vt, mean, rstd = latent_bn_fwd(z, t, noise, running_mean, running_var, num_batches_tracked,
+                                           training=training, momentum=momentum, eps=eps, path=path,
+                                           write_x0=t is None, stats_hook=None)
+    if t is None:
+        return x0, z.new_empty(0), z.new_empty(0), mean, rstd
+    return z.new_empty(0), xt, vt, mean, rstd
+
+
+@latent_bn_fwd_op.register_fake
+def _(z, t, noise, running_mean, running_var, num_batches_tracked, training, momentum, eps, path):
+    stats = z.new_empty(z.shape[1], dtype=acc_dtype(z))
+    if t is None:
+        return z.new_empty(z.shape), z.new_empty(0), z.new_empty(0), stats, torch.empty_like(stats)
+    return z.new_empty(0), z.new_empty(z.shape), z.new_empty(z.shape), stats, torch.empty_like(stats)
+
+
+def _fwd_through_op(z, t, noise, running_mean, running_var, num_batches_tracked, *, training, momentum, eps, path,
+                    write_x0, stats_hook):
+    """latent_bn_fwd's interface over the op (the caller keeps hooks out: they cannot enter a graph)."""
+    check_latent_bn_inputs(z, running_mean, running_var, num_batches_tracked, t, noise, path)  # at trace time
+    x0, xt, vt, mean, rstd = latent_bn_fwd_op(z, t, noise, running_mean, running_var, num_batches_tracked, training,
+                                              momentum, eps, path)
+    return (x0, None, None, mean, rstd) if t is None else (None, xt, vt, mean, rstd)
+
+
+@torch.library.custom_op(
+    "repae::latent_bn_bwd", mutates_args=(),
+    schema="(Tensor? dx0, Tensor? dxt, Tensor? dvt, Tensor z, Tensor? t, Tensor mean, Tensor rstd, bool training, "
+           "str path, bool need_dnoise) -> (Tensor, Tensor)",
+)
+def latent_bn_bwd_op(dx0, dxt, dvt, z, t, mean, rstd, training, path, need_dnoise):
+    """latent_bn_bwd (no hook) as an op: (dz, dnoise), dnoise empty when not needed."""
+    dz, dnoise = latent_bn_bwd(dx0, dxt, dvt, z, t, mean, rstd, training=training, path=path,
+                               need_dnoise=need_dnoise, stats_hook=None)
+    return dz, (dnoise if dnoise is not None else z.new_empty(0))
+
+
+@latent_bn_bwd_op.register_fake
+def _(dx0, dxt, dvt, z, t, mean, rstd, training, path, need_dnoise):
+    return z.new_empty(z.shape), (z.new_empty(z.shape) if need_dnoise else z.new_empty(0))
+
+
+def _bwd_through_op(dx0, dxt, dvt, z, t, mean, rstd, *, training, path, need_dnoise, stats_hook):
+    """latent_bn_bwd's interface over the op."""
+    dz, dnoise = latent_bn_bwd_op(dx0, dxt, dvt, z, t, mean, rstd, training, path, need_dnoise)
+    return dz, (dnoise if need_dnoise else None)
+
+
+@torch.library.custom_op("repae::latent_bn_denorm", mutates_args=(),
+                         schema="(Tensor x, Tensor running_mean, Tensor running_var, bool add_mean) -> Tensor")
+def latent_bn_denorm_op(x, running_mean, running_var, add_mean):
+    """latent_bn_denorm_fwd as an op."""
+    return latent_bn_denorm_fwd(x, running_mean, running_var, add_mean=add_mean)
+
+
+@latent_bn_denorm_op.register_fake
+def _(x, running_mean, running_var, add_mean):
+    return x.new_empty(x.shape)
+
+
 @torch.compiler.disable
+def _apply_uncompiled(*args):
+    """LatentBNFn with a stats hook under torch.compile: a graph break (the hook is a Python callable)."""
+    return LatentBNFn.apply(*args)
+
+
 def latent_bn_triton(z, running_mean, running_var, num_batches_tracked=None, *, training, momentum=0.1, eps=1e-4,
                      stats_hook: StatsHook | None = None):
     """Triton backend of kernels.latent_bn."""
-    return LatentBNFn.apply(z, None, None, running_mean, running_var, num_batches_tracked, training, momentum, eps,
-                            "linear", stats_hook)
+    apply = _apply_uncompiled if stats_hook is not None else LatentBNFn.apply
+    return apply(z, None, None, running_mean, running_var, num_batches_tracked, training, momentum, eps, "linear",
+                 stats_hook)
 
 
-@torch.compiler.disable
 def latent_bn_interp_triton(z, t, noise, running_mean, running_var, num_batches_tracked=None, *, training,
                             path="linear", momentum=0.1, eps=1e-4, stats_hook: StatsHook | None = None):
     """Triton backend of kernels.latent_bn_interp."""
-    return LatentBNFn.apply(z, t, noise, running_mean, running_var, num_batches_tracked, training, momentum, eps,
-                            path, stats_hook)
+    apply = _apply_uncompiled if stats_hook is not None else LatentBNFn.apply
+    return apply(z, t, noise, running_mean, running_var, num_batches_tracked, training, momentum, eps, path,
+                 stats_hook)
 
 
-@torch.compiler.disable
 def latent_bn_denorm_triton(x, running_mean, running_var):
     """Triton backend of kernels.latent_bn_denorm."""
     return LatentBNDenormFn.apply(x, running_mean, running_var)

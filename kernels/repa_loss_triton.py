@@ -156,12 +156,16 @@ def repa_loss_bwd(
 
 
 class REPALossFn(torch.autograd.Function):
-    """Autograd wrapper of one encoder's loss: (zs_tilde, zs, eps) -> 0-d fp32 loss."""
+    """Autograd wrapper of one encoder's loss: (zs_tilde, zs, eps) -> 0-d fp32 loss. Under torch.compile
+    (dynamo traces forward and backward) the launches go through the repae:: ops below."""
 
     @staticmethod
     def forward(ctx, zs_tilde, zs, eps):
         ctx.save_for_backward(zs_tilde, zs)
         ctx.eps = eps
+        if torch.compiler.is_compiling():
+            check_repa_inputs(zs_tilde, zs)  # at trace time, before the fake kernel sees bad shapes
+            return repa_loss_fwd_op(zs_tilde, zs, eps)
         return repa_loss_fwd(zs_tilde, zs, eps)
 
     @staticmethod
@@ -170,13 +174,46 @@ class REPALossFn(torch.autograd.Function):
         need_da, need_db = ctx.needs_input_grad[:2]
         if not (need_da or need_db):
             return None, None, None
-        da, db = repa_loss_bwd(dloss, zs_tilde, zs, ctx.eps, need_da, need_db)
-        return da, db, None
+        launch = repa_loss_bwd_op if torch.compiler.is_compiling() else repa_loss_bwd
+        da, db = launch(dloss, zs_tilde, zs, ctx.eps, need_da, need_db)
+        return (da if need_da else None), (db if need_db else None), None
 
 
-# PERF: torch.compile graph-breaks here and runs the kernels as they are (dynamo cannot trace the
-# launcher; a torch.library.triton_op registration would remove the break).
-@torch.compiler.disable
+# ---------------------------------------------------------------------------------------------------
+# torch.library ops: what torch.compile records for each launch (one opaque graph node each, no graph
+# break). REPALossFn calls them while compiling and the launchers directly otherwise (less dispatch
+# overhead). Empty placeholders stand for gradients not asked for (an op returns tensors, not None).
+# ---------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("repae::repa_loss_fwd", mutates_args=(),
+                         schema="(Tensor zs_tilde, Tensor zs, float eps) -> Tensor")
+def repa_loss_fwd_op(zs_tilde, zs, eps):
+    """repa_loss_fwd as an op."""
+    return repa_loss_fwd(zs_tilde, zs, eps)
+
+
+@repa_loss_fwd_op.register_fake
+def _(zs_tilde, zs, eps):
+    return zs.new_empty((), dtype=acc_dtype(zs_tilde, zs))
+
+
+@torch.library.custom_op(
+    "repae::repa_loss_bwd", mutates_args=(),
+    schema="(Tensor dloss, Tensor zs_tilde, Tensor zs, float eps, bool need_da, bool need_db) -> (Tensor, Tensor)",
+)
+def repa_loss_bwd_op(dloss, zs_tilde, zs, eps, need_da, need_db):
+    """repa_loss_bwd as an op: (d zs_tilde, d zs), empty where not needed."""
+    da, db = repa_loss_bwd(dloss, zs_tilde, zs, eps, need_da, need_db)
+    return (da if need_da else zs_tilde.new_empty(0)), (db if need_db else zs.new_empty(0))
+
+
+@repa_loss_bwd_op.register_fake
+def _(dloss, zs_tilde, zs, eps, need_da, need_db):
+    da = zs_tilde.new_empty(zs_tilde.shape) if need_da else zs_tilde.new_empty(0)
+    return da, (zs.new_empty(zs.shape) if need_db else zs.new_empty(0))
+
+
 def repa_loss_triton(zs_tilde: torch.Tensor, zs: torch.Tensor, *, eps: float = 1e-12) -> torch.Tensor:
     """Triton backend of kernels.repa_loss for one encoder."""
     return REPALossFn.apply(zs_tilde, zs, eps)

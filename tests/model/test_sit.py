@@ -435,13 +435,21 @@ def test_attention_gpu_backends_match_math_xl_heads(backend):
     torch.testing.assert_close(out.float(), want.float(), atol=2e-2, rtol=2e-2)
 
 
-def test_torch_compile_of_the_fused_sit_matches_uncompiled():
-    """The Triton launchers are torch.compiler.disable'd: compile graph-breaks around them and stays exact."""
+@pytest.mark.parametrize("use_batch_stats", [False, True])
+def test_torch_compile_of_the_fused_sit_matches_uncompiled(use_batch_stats):
+    """The fused kernels are torch.library ops under torch.compile: the whole SiT compiles as one graph
+    (fullgraph=True raises on a graph break) and matches the uncompiled model."""
+    torch._dynamo.reset()
     model = randomize_(build_sit(**TINY, kernel_backend="triton")).train()
     z, y, t, noise, drop, _ = make_batch(model.config)
     za, zb = z.clone().requires_grad_(), z.clone().requires_grad_()
-    want = model(za, y, t, noise, drop_mask_B=drop, use_batch_stats=False)
-    got = torch.compile(model)(zb, y, t, noise, drop_mask_B=drop, use_batch_stats=False)
+    bn_state = {k: v.clone() for k, v in model.bn.state_dict().items()}
+    want = model(za, y, t, noise, drop_mask_B=drop, use_batch_stats=use_batch_stats)
+    bn_want = {k: v.clone() for k, v in model.bn.state_dict().items()}
+    model.bn.load_state_dict(bn_state)
+    got = torch.compile(model, fullgraph=True)(zb, y, t, noise, drop_mask_B=drop, use_batch_stats=use_batch_stats)
+    for k, v in model.bn.state_dict().items():
+        torch.testing.assert_close(v, bn_want[k], atol=0, rtol=0, msg=k)
     torch.testing.assert_close(got.v_pred, want.v_pred, atol=1e-5, rtol=1e-5)
     got.v_pred.square().sum().backward(), want.v_pred.square().sum().backward()
     torch.testing.assert_close(zb.grad, za.grad, atol=1e-5, rtol=1e-4)
