@@ -1,16 +1,58 @@
 #!/usr/bin/env bash
-# On a GPU machine: the full test suite (compiled Triton, full-size `gpu` tests), then `pytest bench/`,
-# then bench/results/<gpu>/REPORT.md. Logs go to bench/results/<gpu>/ too, ready to commit.
+# On a GPU machine: the stages named (default: all, in this order), each a log in bench/results/<gpu>/:
+#   tests    the whole test suite, compiled Triton and the full-size `gpu` tests      -> tests.log
+#   kernels  pytest bench/bench_kernels.py (fused kernels vs eager vs torch.compile)  -> bench_kernels.log
+#   models   pytest bench/bench_models.py (SiT-XL block, SiT-XL/2, VAE)               -> bench_models.log
+#   step     pytest bench/bench_train_step.py (the REPA-E step; needs lpips)          -> bench_step.log
+# then bench/results/<gpu>/REPORT.md. Benchmark rows are appended to the jsonl files as they are measured.
+#
+# For the lent device machine (one command <= 10 min, a fresh machine per call, only $OUT comes back):
+# the stages share a deadline (GPU_REPORT_DEADLINE seconds from the start, default 560) so the command
+# ends in time, and when $OUT is set the results folder is packed into $OUT/results_<stages>.tgz.
+#   here:   bash scripts/gpu_wheels.sh                       (deepspeed + lpips wheels for the GPU's Python)
+#   device: run(carry=[".wheels"], command="bash scripts/gpu_report.sh tests kernels")
+#           run(carry=[".wheels"], command="bash scripts/gpu_report.sh models step")
+#   here:   for f in <files_at>/results_*.tgz; do tar xzf "$f"; done; python bench/report.py; git add bench/results
 set -uo pipefail
 cd "$(dirname "$0")/.."
+start=$SECONDS
+deadline=${GPU_REPORT_DEADLINE:-560}
+stages=("$@")
+[ ${#stages[@]} -gt 0 ] || stages=(tests kernels models step)
+for s in "${stages[@]}"; do
+  case "$s" in tests|kernels|models|step) ;; *) echo "unknown stage '$s' (tests, kernels, models, step)" >&2; exit 2 ;; esac
+done
+
 bash scripts/install.sh || exit 1
 gpu=$(.venv/bin/python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))") || exit 1
 out="bench/results/$gpu"
 mkdir -p "$out"
-{ echo "# $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null)"; nvidia-smi -L; } > "$out/tests.log"
-.venv/bin/python -m pytest tests -q -rfE >> "$out/tests.log" 2>&1; tests_rc=$?
-.venv/bin/python -m pytest bench -q > "$out/bench.log" 2>&1; bench_rc=$?
-.venv/bin/python bench/report.py
-tail -3 "$out/tests.log"; tail -3 "$out/bench.log"
-echo "tests rc=$tests_rc bench rc=$bench_rc; results in $out"
-exit $(( tests_rc || bench_rc ))
+
+pack() {
+  .venv/bin/python bench/report.py > /dev/null
+  if [ -n "${OUT:-}" ]; then
+    local name
+    name="results_$(IFS=_; echo "${stages[*]}").tgz"
+    tar czf "$OUT/$name" "$out" && echo "[gpu_report] packed $out into \$OUT/$name"
+  fi
+}
+trap pack EXIT
+
+rc=0
+for s in "${stages[@]}"; do
+  left=$(( deadline - (SECONDS - start) ))
+  if [ "$left" -le 20 ]; then echo "[gpu_report] no time left for stage $s" | tee -a "$out/skipped.log"; rc=1; continue; fi
+  case "$s" in
+    tests) log="$out/tests.log"; cmd=(.venv/bin/python -m pytest tests -q -rfE -p no:cacheprovider) ;;
+    kernels) log="$out/bench_kernels.log"; cmd=(.venv/bin/python -m pytest bench/bench_kernels.py -q -p no:cacheprovider) ;;
+    models) log="$out/bench_models.log"; cmd=(.venv/bin/python -m pytest bench/bench_models.py -q -p no:cacheprovider) ;;
+    step) log="$out/bench_step.log"; cmd=(.venv/bin/python -m pytest bench/bench_train_step.py -q -p no:cacheprovider) ;;
+  esac
+  { echo "# $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null) stage $s (${left}s left)"; nvidia-smi -L; } > "$log"
+  timeout --signal=INT --kill-after=15 "$left" "${cmd[@]}" >> "$log" 2>&1; stage_rc=$?
+  [ "$stage_rc" -eq 124 ] && echo "[gpu_report] stage $s stopped at the deadline" | tee -a "$log"
+  echo "[gpu_report] stage $s rc=$stage_rc ($(( SECONDS - start ))s)"; tail -4 "$log"
+  [ "$stage_rc" -eq 0 ] || rc=1
+done
+.venv/bin/python bench/report.py | tail -40
+exit $rc

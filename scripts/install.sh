@@ -3,12 +3,13 @@
 # - CPU machine: torch is pinned to the local CPU wheel (2.13.0) through constraints-cpu.txt, so no
 #   install ever pulls a CUDA torch.
 # - GPU machine whose Python already has CUDA torch + triton (and maybe no registry access): the venv
-#   sees those site packages and only repae itself is installed (deps that are missing are listed).
+#   sees those site packages and only repae itself is installed (deps that are missing are listed),
+#   plus the wheels of .wheels/ when present (built here by scripts/gpu_wheels.sh, carried there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 VENV=.venv
-stamp_src="$(cat pyproject.toml constraints-cpu.txt scripts/install.sh | sha1sum | cut -c1-12)"
+stamp_src="$( (cat pyproject.toml constraints-cpu.txt scripts/install.sh; ls .wheels 2>/dev/null) | sha1sum | cut -c1-12)"
 stamp="$VENV/.installed-$stamp_src"
 if [ -f "$stamp" ]; then exit 0; fi
 
@@ -17,6 +18,10 @@ if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
   [ -d "$VENV" ] || "$PY" -m venv --system-site-packages "$VENV"
   "$VENV/bin/pip" install -q --no-deps --no-build-isolation -e . \
     || { echo "[install] editable install failed" >&2; exit 1; }
+  if [ -d .wheels ]; then  # carried from the CPU machine (scripts/gpu_wheels.sh): deepspeed, lpips and deps
+    echo "[install] installing the carried wheels in .wheels/ (no registry needed)"
+    "$VENV/bin/pip" install -q --no-index --no-deps .wheels/*.whl || { echo "[install] .wheels install failed" >&2; exit 1; }
+  fi
   "$VENV/bin/python" - <<'PYEOF'
 import importlib.util
 missing = [m for m in ("triton", "timm", "lpips", "deepspeed", "safetensors", "tqdm", "pytest", "pytest_benchmark", "tensorboard", "PIL")

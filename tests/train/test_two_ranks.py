@@ -9,6 +9,7 @@ more than 1e-6 after 2 steps, 0.02% after 1); BN running statistics 1e-6 absolut
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -19,7 +20,8 @@ import pytest
 import torch
 
 pytest.importorskip("deepspeed")
-pytest.importorskip("lpips")
+if importlib.util.find_spec("lpips") is None:  # its shipped weights file only (importing it needs scipy)
+    pytest.skip("lpips is not installed", allow_module_level=True)
 from test_main import clean_env
 from test_step import LR
 
