@@ -27,7 +27,8 @@ Denormalisation: z = x / rsqrt(running_var) + running_mean (no eps), and its bac
 
 Shapes: z, noise: [B, C, H, W] contiguous NCHW, any float dtype (outputs take z's dtype); t: B elements;
 running stats [C] fp32; num_batches_tracked int64 0-d. Saved for backward: z, t, mean/rstd [C] fp32.
-Grid: (C, chunks) over B*H*W, 1024-element iterations; the launches that reduce a whole channel use
+H*W and C are compile-time constants (one specialization per latent shape; element -> (b, c, hw) index
+math is then shifts, not 32-bit divisions). Grid: (C, chunks) over B*H*W, 1024-element iterations; the launches that reduce a whole channel use
 (C, 1) with up to 8192-element iterations over 16 warps (see _channel_launch). Deterministic: every reduction is a
 fixed-order sum inside one program (no atomics), so repeated calls are bitwise equal.
 Bytes: forward reads z, eps and writes x_t, v* (or x0); backward reads dx_t, dv*, z and writes dz.
@@ -70,7 +71,7 @@ def _path_coefficients(t, PATH: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
-def _channel_sums(X, c, C, HW, n, shift, BLOCK: tl.constexpr, ACC: tl.constexpr):
+def _channel_sums(X, c, C, HW: tl.constexpr, n, shift, BLOCK: tl.constexpr, ACC: tl.constexpr):
     """Per-channel (sum(v), sum(v^2)) with v = X - shift."""
     acc1 = tl.zeros((BLOCK,), dtype=ACC)
     acc2 = tl.zeros((BLOCK,), dtype=ACC)
@@ -89,7 +90,7 @@ def _latent_bn_fwd_kernel(
     Z, T, NOISE,  # inputs
     X0, XT, VT,  # outputs
     RM, RV, NBT, MEAN, RSTD, STATS, STATS_PREV,  # running stats (updated in place), saved stats, SyncBN stats
-    C, HW, n, chunk, momentum, eps,
+    C, HW: tl.constexpr, n, chunk, momentum, eps,  # HW constexpr: j // HW, j % HW become shifts, not divisions
     STATS_MODE: tl.constexpr,
     CUMULATIVE: tl.constexpr,  # momentum=None: f = 1/num_batches_tracked
     WRITE_X0: tl.constexpr,
@@ -169,7 +170,7 @@ def _latent_bn_fwd_kernel(
 def _latent_bn_bwd_kernel(
     DX0, DXT, DVT, Z, T, MEAN, RSTD, STATS,  # inputs (STATS [3, C]: count, sum dx0, sum dx0*xhat)
     DZ, DNOISE,  # outputs
-    C, HW, n, chunk,
+    C, HW: tl.constexpr, n, chunk,
     STATS_MODE: tl.constexpr,
     HAS_DX0: tl.constexpr,
     INTERP: tl.constexpr,
@@ -247,8 +248,8 @@ def _dx0(DX0, DXT, DVT, T, offs, b, m, HAS_DX0: tl.constexpr, INTERP: tl.constex
 
 
 @triton.jit
-def _latent_bn_denorm_kernel(X, RV, RM, OUT, C, HW, numel, ADD_MEAN: tl.constexpr, BLOCK: tl.constexpr,
-                             ACC: tl.constexpr):
+def _latent_bn_denorm_kernel(X, RV, RM, OUT, C: tl.constexpr, HW: tl.constexpr, numel, ADD_MEAN: tl.constexpr,
+                             BLOCK: tl.constexpr, ACC: tl.constexpr):
     """OUT = X / rsqrt(RV[c]) (+ RM[c]): the sampling-time denormalisation and its backward."""
     pid = tl.program_id(0)
     i = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
