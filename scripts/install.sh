@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 VENV=.venv
-stamp_src="$( (cat pyproject.toml constraints-cpu.txt scripts/install.sh; ls .wheels 2>/dev/null) | sha1sum | cut -c1-12)"
+stamp_src="$( (cat pyproject.toml constraints-cpu.txt scripts/install.sh; ls .wheels 2>/dev/null || true) | sha1sum | cut -c1-12)"
 stamp="$VENV/.installed-$stamp_src"
 if [ -f "$stamp" ]; then exit 0; fi
 
