@@ -149,9 +149,10 @@ def latent_bn(
 ) -> torch.Tensor:
     """BatchNorm2d(affine=False) of latents z [B, C, H, W].
 
-    use_batch_stats=True: normalise with the batch statistics (made global across ranks by
-    `stats_hook`, called twice per forward: see kernels/latent_bn_ref.py) and update the running statistics in place (unbiased variance, momentum);
-    False: normalise with the running statistics. Gradients flow to z in both modes.
+    use_batch_stats=True: normalise with the batch statistics (made global across ranks by `stats_hook`,
+    called twice per forward: see kernels/latent_bn_ref.py) and update the running statistics in place
+    (unbiased variance, momentum); False: normalise with the running statistics. Gradients flow to z
+    in both modes.
     """
     check_latent_bn_inputs(z, running_mean, running_var, num_batches_tracked)
     if resolve_backend(backend, z.device) == "triton":

@@ -97,7 +97,8 @@ def compile_only(arch: int, sink: list):
     for mod in ("adaln_triton", "repa_loss_triton", "latent_bn_triton"):
         name = f"{__package__}.{mod}"
         if name in sys.modules and not any(isinstance(v, JITFunction) for v in vars(sys.modules[name]).values()):
-            raise RuntimeError(f"{name} was imported under the Triton interpreter: run compile_check as its own process")
+            raise RuntimeError(f"{name} was imported under the Triton interpreter: run compile_check in its own "
+                               "process")
 
     real_run, real_interp, real_sm = JITFunction.run, _launch.interpreter_on, _launch.sm_count
 

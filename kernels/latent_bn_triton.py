@@ -27,9 +27,10 @@ Denormalisation: z = x / rsqrt(running_var) + running_mean (no eps), and its bac
 
 Shapes: z, noise: [B, C, H, W] contiguous NCHW, any float dtype (outputs take z's dtype); t: B elements;
 running stats [C] fp32; num_batches_tracked int64 0-d. Saved for backward: z, t, mean/rstd [C] fp32.
-H*W and C are compile-time constants (one specialization per latent shape; element -> (b, c, hw) index
-math is then shifts, not 32-bit divisions). Grid: (C, chunks) over B*H*W, 1024-element iterations; the launches that reduce a whole channel use
-(C, 1) with up to 8192-element iterations over 16 warps (see _channel_launch). Deterministic: every reduction is a
+H*W (and C in the denormalisation) are compile-time constants: one specialization per latent shape,
+and the element -> (b, c, hw) index math compiles to shifts, not 32-bit divisions. Grid: (C, chunks)
+over B*H*W, 1024-element iterations; the launches that reduce a whole channel use (C, 1) with up to
+8192-element iterations over 16 warps (see _channel_launch). Deterministic: every reduction is a
 fixed-order sum inside one program (no atomics), so repeated calls are bitwise equal.
 Bytes: forward reads z, eps and writes x_t, v* (or x0); backward reads dx_t, dv*, z and writes dz.
 """
