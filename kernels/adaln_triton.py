@@ -249,8 +249,8 @@ class AdaLNFn(torch.autograd.Function):
             dx,
             cond[2].to(shift_dtype) if need_shift else None,
             cond[1].to(scale_dtype) if need_scale else None,
-            dy if need_y and ctx.has_residual else None,
-            cond[0].to(gate_dtype) if need_gate and ctx.has_residual else None,
+            dy if need_y else None,  # y and gate are None without a residual: need_y, need_gate False
+            cond[0].to(gate_dtype) if need_gate else None,
             None,
             None,
         )

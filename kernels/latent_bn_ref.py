@@ -102,7 +102,7 @@ def latent_bn_ref(
             stats_hook(stats)
         n, s1, s2 = stats.unbind(0)
         k, shift = shift, shift + s1 / n
-    mean = k + s1 / n
+    mean = shift  # k + s1 / n
     var = (s2 / n - (s1 / n).square()).clamp_min(0)
     x0 = ((zz - _channel_view(k) - _channel_view(s1 / n)) * _channel_view((var + eps).rsqrt())).to(out_dtype)
     with torch.no_grad():

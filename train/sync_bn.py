@@ -28,7 +28,8 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         count = torch.full((1,), float(xf.numel() // C), device=xf.device)
         first = dist_fn.all_reduce(torch.cat([xf.sum(dim=dims), count]))
         n = first[-1]
-        xc = xf - (first[:C] / n).view(shape)
+        mean = first[:C] / n
+        xc = xf - mean.view(shape)
         second = dist_fn.all_reduce(torch.cat([xc.sum(dim=dims), (xc * xc).sum(dim=dims)]))
         d = second[:C] / n  # the rounding remainder of the first mean
         var = (second[C:] / n - d * d).clamp_min(0)
@@ -36,7 +37,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                self.running_mean.mul_(1 - m).add_(first[:C] / n + d, alpha=m)
+                self.running_mean.mul_(1 - m).add_(mean + d, alpha=m)
                 self.running_var.mul_(1 - m).add_(var * n / (n - 1), alpha=m)
         y = (xc - d.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
