@@ -5,7 +5,7 @@ pytest-benchmark times the same closure (synchronized) for its own report. Never
 import pytest
 import torch
 from harness import CASE_BUILDERS, MODES, PROVIDERS
-from shapes import BENCH_CASES, HBM_GBPS
+from shapes import BENCH_CASES, hbm_gbps
 
 CASES = [(op, name) for op, cases in BENCH_CASES.items() for name in cases]
 
@@ -20,12 +20,13 @@ def test_bench_kernel(op, case, provider, mode, benchmark, record):
     bench = CASE_BUILDERS[op](provider, mode, *BENCH_CASES[op][case], device="cuda")
     p50, p20, p80 = triton.testing.do_bench(bench.fn, quantiles=[0.5, 0.2, 0.8], grad_to_none=bench.grad_to_none)
     gbps = bench.nbytes / (p50 * 1e6)
-    benchmark.extra_info.update(p50_ms=p50, gbps=gbps, roofline=gbps / HBM_GBPS)
+    roof = hbm_gbps(torch.cuda.get_device_name())
+    benchmark.extra_info.update(p50_ms=p50, gbps=gbps, roofline=gbps / roof)
 
     def synced():
         bench.fn()
         torch.cuda.synchronize()
 
     benchmark.pedantic(synced, rounds=50, warmup_rounds=5)
-    record(op=op, case=case, provider=provider, mode=mode, ms=(p50, p20, p80), gbps=gbps, roofline=gbps / HBM_GBPS,
+    record(op=op, case=case, provider=provider, mode=mode, ms=(p50, p20, p80), gbps=gbps, roofline=gbps / roof,
            nbytes=bench.nbytes)

@@ -63,7 +63,7 @@ def pytest_terminal_summary(terminalreporter):
     if not _rows:
         return
     tr = terminalreporter
-    tr.section("kernel benchmarks (p50 ms, GB/s, fraction of the 3.0 TB/s HBM roofline)")
+    tr.section("kernel benchmarks (p50 ms, GB/s, fraction of the copy-bandwidth roofline of bench/shapes.py)")
     tr.write_line(f"{'op':10} {'case':24} {'mode':8} {'provider':8} {'ms':>9} {'GB/s':>8} {'roof':>6}")
     for r in _rows:
         if "img_per_s" in r:  # train-step rows (bench_train_step.py)

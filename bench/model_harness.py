@@ -1,8 +1,9 @@
-"""Benchmark builders for whole models: one SiT-XL block, the whole SiT-XL/2, the f8d4 VAE.
+"""Benchmark builders for whole models: one SiT-XL block, the whole SiT-XL/2 (with and without losses), the VAE.
 
 Providers: "fused" (our SiT: Triton adaLN + latent BN), "eager" (the same SiT on the eager kernel
 backend; for the VAE plain PyTorch), "compile" (torch.compile of the eager model), "fused_compile"
-(torch.compile of the fused model: one graph, the Triton launches as repae:: torch.library ops). Modes "fwd" and
+(torch.compile of the fused model: one graph, the Triton launches as repae:: torch.library ops), and for the
+loss pass "original" / "original_compile" (the test transcription of the original SiT). Modes "fwd" and
 "fwd_bwd" as in bench/harness.py. Everything runs under bf16 autocast with fp32 parameters and fp32
 residual stream, as training does. FLOPs are counted by torch.utils.flop_counter on the meta device
 (matmuls, convs and attention; elementwise work is not counted), so TFLOP/s and MFU need no hand formula.
@@ -22,7 +23,7 @@ from harness import BenchFn
 import repae.model  # noqa: F401  (torchvision guard)
 from repae.model.sit import SiTBlock, add_pending, build_sit
 
-MODEL_PROVIDERS = ("fused", "eager", "compile", "fused_compile")
+MODEL_PROVIDERS = ("fused", "eager", "compile", "fused_compile", "original", "original_compile")
 H100_BF16_PEAK_TFLOPS = 989.0  # dense bf16 tensor-core peak of the H100 SXM (spec sheet), for MFU
 
 
@@ -50,13 +51,13 @@ def count_flops(build: Callable[[str], tuple[Callable, list[torch.Tensor]]], mod
 
 
 def _closure(forward: Callable[[], list[torch.Tensor]], mode: str) -> Callable[[], None]:
-    """fwd: forward under no_grad; fwd_bwd: forward + backward of fixed random output gradients."""
+    """fwd: forward under no_grad; fwd_bwd: forward + backward of fixed random output gradients (1 for a loss)."""
     if mode == "fwd":
         def run():
             with torch.no_grad():
                 forward()
         return run
-    douts = [torch.randn_like(o) for o in forward()]
+    douts = [torch.randn_like(o) if o.ndim else torch.ones_like(o) for o in forward()]  # a loss: loss.backward()
 
     def run():
         torch.autograd.backward(forward(), douts)
@@ -108,6 +109,46 @@ def _sit(provider: str, mode: str, width: dict, batch: int, device: str):
     return _closure(forward, mode), list(model.parameters())
 
 
+def _sit_loss(provider: str, mode: str, width: dict, batch: int, device: str):
+    """The SiT pass of a REPA-E step: forward, denoising + 0.5 * REPA loss against frozen encoder features.
+    "original*" runs the test transcription of the original SiT (nn.LayerNorm + modulate, nn.BatchNorm2d, the
+    per-sample Python loop of its projection loss) on the same weights."""
+    from repae.model.losses import denoising_loss, projection_loss
+
+    original = provider.startswith("original")
+    backend = "triton" if provider.startswith("fused") else "eager"
+    with torch.device(device):
+        model = build_sit(width["model"], **width.get("overrides", {}), kernel_backend=backend).train()
+    cfg = model.config
+    if original:
+        from original_sit import OriginalSiT
+
+        with torch.device(device):
+            orig = OriginalSiT(input_size=cfg.input_size, patch_size=cfg.patch_size, in_channels=cfg.in_channels,
+                               hidden_size=cfg.hidden_size, depth=cfg.depth, num_heads=cfg.num_heads,
+                               encoder_depth=cfg.encoder_depth, z_dims=cfg.z_dims, projector_dim=cfg.projector_dim)
+        orig.load_state_dict(model.state_dict())
+        model = orig.train()
+    g = torch.Generator().manual_seed(0)
+    s, C = cfg.input_size, cfg.in_channels
+    z, noise = _randn((batch, C, s, s), g, device), _randn((batch, C, s, s), g, device)
+    t = torch.rand(batch, generator=g).to(device)
+    y = torch.randint(0, cfg.num_classes, (batch,), generator=g).to(device)
+    drop = (torch.rand(batch, generator=g) < cfg.class_dropout_prob).to(device)
+    zs = [_randn((batch, (s // cfg.patch_size) ** 2, e), g, device) for e in cfg.z_dims]
+    fn = torch.compile(model) if provider.endswith("compile") else model
+
+    def forward():
+        with _autocast(device):
+            if original:
+                out = fn(z, y, zs, t.view(-1, 1, 1, 1), noise, force_drop_ids=drop.long())
+                return [out["denoising_loss"].mean() + 0.5 * out["proj_loss"]]
+            out = fn(z, y, t, noise, drop_mask_B=drop)
+            return [denoising_loss(out.v_pred, out.v_target) + 0.5 * projection_loss(out.zs_tilde, zs)]
+
+    return _closure(forward, mode), list(model.parameters())
+
+
 def _vae(provider: str, mode: str, width: dict, batch: int, device: str):
     from repae.model.vae import build_vae
 
@@ -125,13 +166,15 @@ def _vae(provider: str, mode: str, width: dict, batch: int, device: str):
     return _closure(forward, mode), list(vae.parameters())
 
 
-_KINDS = {"sit_block": _sit_block, "sit": _sit, "vae": _vae}
+_KINDS = {"sit_block": _sit_block, "sit": _sit, "sit_loss": _sit_loss, "vae": _vae}
 
 
 def model_case(provider: str, mode: str, kind: str, width: dict, batch: int, device: str) -> tuple[BenchFn, int]:
     """(BenchFn to time, FLOPs of one call). The VAE has no fused provider (it has no fused kernels yet)."""
     if provider not in MODEL_PROVIDERS:
         raise ValueError(f"provider must be one of {MODEL_PROVIDERS}, got {provider!r}")
+    if provider.startswith("original") and kind != "sit_loss":
+        raise ValueError(f"provider {provider!r} exists only for the sit_loss kind")
     fn, leaves = _KINDS[kind](provider, mode, width, batch, device)
     flops = count_flops(lambda dev: _KINDS[kind]("eager", mode, width, batch, dev), mode)
     return BenchFn(fn, 0, [t for t in leaves if t.requires_grad]), flops

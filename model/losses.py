@@ -15,6 +15,7 @@ generator terms), optimizer code, or the REPA cosine math itself (repae.kernels.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,7 +27,10 @@ from torch import nn
 
 
 def _fp32_region(t: torch.Tensor):
-    """Autocast off on t's device: the original's losses run under autocast(enabled=False) on .float() inputs."""
+    """Autocast off on t's device: the original's losses run under autocast(enabled=False) on .float() inputs.
+    Meta tensors (FLOP counting) have no autocast: nothing to switch off."""
+    if t.device.type == "meta":
+        return contextlib.nullcontext()
     return torch.autocast(device_type=t.device.type, enabled=False)
 
 

@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # On a GPU machine: the stages named (default: all, in this order), each a log in bench/results/<gpu>/:
+#   hw       the card's ceilings: device-to-device copy GB/s, bf16 8192^3 matmul TFLOP/s -> hw.json
+#   parity   the kernel, SiT and EMA tests only (compiled Triton, full-size `gpu` tests) -> parity.log
 #   tests    the whole test suite, compiled Triton and the full-size `gpu` tests      -> tests.log
 #   kernels  pytest bench/bench_kernels.py (fused kernels vs eager vs torch.compile)  -> bench_kernels.log
-#   models   pytest bench/bench_models.py (SiT-XL block, SiT-XL/2, VAE)               -> bench_models.log
 #   step     pytest bench/bench_train_step.py (the REPA-E step; needs lpips)          -> bench_step.log
+#   loss     the SiT loss pass, fwd+bwd: ours vs the original SiT, eager and compiled -> bench_loss.log
+#   models   pytest bench/bench_models.py (SiT-XL block, SiT-XL/2, loss pass, VAE)    -> bench_models.log
+# A stage may carry its own cap in seconds (`kernels:150`); it never runs past the shared deadline.
 # then bench/results/<gpu>/REPORT.md. Benchmark rows are appended to the jsonl files as they are measured.
 #
 # For the lent device machine (one command <= 10 min, a fresh machine per call, only $OUT comes back):
@@ -18,12 +22,20 @@ cd "$(dirname "$0")/.."
 start=$SECONDS
 deadline=${GPU_REPORT_DEADLINE:-560}
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(tests kernels models step)
+[ ${#stages[@]} -gt 0 ] || stages=(hw tests kernels step models)
 for s in "${stages[@]}"; do
-  case "$s" in tests|kernels|models|step) ;; *) echo "unknown stage '$s' (tests, kernels, models, step)" >&2; exit 2 ;; esac
+  case "${s%%:*}" in hw|parity|tests|kernels|models|step|loss) ;;
+    *) echo "unknown stage '$s' (hw, parity, tests, kernels, step, loss, models; name[:seconds])" >&2; exit 2 ;; esac
 done
 
 bash scripts/install.sh || exit 1
+if ! .venv/bin/python -c "import repae.kernels" 2>/dev/null; then  # editable install refused: link the folders
+  echo "[gpu_report] repae does not import after install.sh: using a link tree on PYTHONPATH"
+  mkdir -p /tmp/repae_links/repae && for d in kernels model train; do ln -sfn "$PWD/$d" "/tmp/repae_links/repae/$d"; done
+  export PYTHONPATH="/tmp/repae_links${PYTHONPATH:+:$PYTHONPATH}"
+fi
+xdist=()
+.venv/bin/python -c "import xdist" 2>/dev/null && xdist=(-n 8)
 gpu=$(.venv/bin/python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))") || exit 1
 out="bench/results/$gpu"
 mkdir -p "$out"
@@ -32,21 +44,29 @@ pack() {
   .venv/bin/python bench/report.py > /dev/null
   if [ -n "${OUT:-}" ]; then
     local name
-    name="results_$(IFS=_; echo "${stages[*]}").tgz"
+    name="results_$(IFS=_; echo "${stages[*]%%:*}").tgz"
     tar czf "$OUT/$name" "$out" && echo "[gpu_report] packed $out into \$OUT/$name"
   fi
 }
 trap pack EXIT
 
 rc=0
-for s in "${stages[@]}"; do
+for stage in "${stages[@]}"; do
+  s=${stage%%:*}
   left=$(( deadline - (SECONDS - start) ))
+  if [ "$stage" != "$s" ] && [ "${stage#*:}" -lt "$left" ]; then left=${stage#*:}; fi
   if [ "$left" -le 20 ]; then echo "[gpu_report] no time left for stage $s" | tee -a "$out/skipped.log"; rc=1; continue; fi
+  py=(.venv/bin/python -m pytest -q -rfE -p no:cacheprovider)
   case "$s" in
-    tests) log="$out/tests.log"; cmd=(.venv/bin/python -m pytest tests -q -rfE -p no:cacheprovider) ;;
-    kernels) log="$out/bench_kernels.log"; cmd=(.venv/bin/python -m pytest bench/bench_kernels.py -q -p no:cacheprovider) ;;
-    models) log="$out/bench_models.log"; cmd=(.venv/bin/python -m pytest bench/bench_models.py -q -p no:cacheprovider) ;;
-    step) log="$out/bench_step.log"; cmd=(.venv/bin/python -m pytest bench/bench_train_step.py -q -p no:cacheprovider) ;;
+    hw) log="$out/hw.log"; cmd=(.venv/bin/python bench/ceilings.py "$out/hw.json") ;;
+    parity) log="$out/parity.log"
+      cmd=("${py[@]}" "${xdist[@]}" tests/kernels tests/model/test_sit.py tests/train/test_ema.py
+           tests/test_bench_builders.py -k "not compile_check") ;;
+    tests) log="$out/tests.log"; cmd=("${py[@]}" tests) ;;
+    kernels) log="$out/bench_kernels.log"; cmd=("${py[@]}" bench/bench_kernels.py) ;;
+    models) log="$out/bench_models.log"; cmd=("${py[@]}" bench/bench_models.py) ;;
+    loss) log="$out/bench_loss.log"; cmd=("${py[@]}" bench/bench_models.py -k "sitxl2_loss and fwd_bwd") ;;
+    step) log="$out/bench_step.log"; cmd=("${py[@]}" bench/bench_train_step.py) ;;
   esac
   { echo "# $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null) stage $s (${left}s left)"; nvidia-smi -L; } > "$log"
   timeout --signal=INT --kill-after=15 "$left" "${cmd[@]}" >> "$log" 2>&1; stage_rc=$?

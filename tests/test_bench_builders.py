@@ -31,6 +31,7 @@ SMALL_MODELS = {
                                                    num_heads=2, z_dims=(32,), projector_dim=64)}, 2),
     "vae": ({"vae": "f8d4", "resolution": 32}, 1),
 }
+SMALL_MODELS["sit_loss"] = SMALL_MODELS["sit"]
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -45,3 +46,25 @@ def test_model_bench_builder_runs(kind, provider, mode):
     assert flops > 0
     if mode == "fwd_bwd":
         assert all(t.grad is not None for t in bench.grad_to_none)
+
+
+def test_original_sit_loss_builder_matches_ours(monkeypatch):
+    """The original transcription and our SiT give the same loss gradients on the same weights and inputs (fp32:
+    autocast off), so the loss-pass benchmark compares like with like."""
+    import contextlib
+
+    import model_harness
+    from model_harness import _sit_loss
+
+    monkeypatch.setattr(model_harness, "_autocast", lambda device: contextlib.nullcontext())
+
+    width, batch = SMALL_MODELS["sit_loss"]
+    grads = {}
+    for provider in ("eager", "original"):
+        torch.manual_seed(0)  # the same initial weights for both
+        fn, params = _sit_loss(provider, "fwd_bwd", width, batch, device=DEVICE)
+        fn()
+        grads[provider] = [p.grad for p in params if p.requires_grad]
+    assert len(grads["eager"]) == len(grads["original"]) > 10
+    for a, b in zip(grads["eager"], grads["original"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -13,31 +13,88 @@ key (`sit.hiden_size`); paths are checked by `check_paths` when the run starts. 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import math
 import os
 import types
 import typing
 from dataclasses import dataclass, field
 
+from repae.model.attention import ATTN_BACKENDS
 from repae.model.losses import VAELossConfig
+from repae.model.sit import SiT_models, SiTConfig, sit_config
+from repae.model.vae import VAE_CONFIGS, VAEConfig, vae_config
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 WEIGHTINGS = ("uniform", "lognormal")
 PATH_TYPES = ("linear", "cosine")
 DATA_SOURCES = ("folder", "demo")
 KERNEL_BACKENDS = ("auto", "triton", "eager")
-_DS_FORBIDDEN = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer",
-                 "scheduler", "gradient_clipping")
+ENCODER_PATCH_GRID = 16
+"""Image pixels per DINOv2 token side (224 px in, 14-px patches, per 256 px): the SiT grid must match it."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Value checks: each raises one line naming the key
+# ---------------------------------------------------------------------------------------------------
+
+
+class ConfigKeyError(ValueError):
+    """One bad config value, one line: `config key <key><detail>`. A section raises it with the key relative
+    to itself (`betas`); _build re-raises it under the dotted path from the root (`optim_sit.betas`)."""
+
+    def __init__(self, key: str, detail: str):
+        super().__init__(f"config key {key}{detail}")
+        self.key, self.detail = key, detail
+
+    def under(self, prefix: str) -> ConfigKeyError:
+        return ConfigKeyError(prefix + self.key, self.detail)
+
+
+def _require(key: str, value, ok: bool, rule: str) -> None:
+    if not ok:
+        raise ConfigKeyError(key, f"={value!r} {rule}")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_finite(value) -> bool:
+    """NaN and +-inf are not (JSON's NaN / Infinity parse to floats); an int always is (math.isfinite would
+    overflow on a huge one)."""
+    return _is_number(value) and (isinstance(value, int) or math.isfinite(value))
 
 
 def _choice(key: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"config key {key}={value!r} must be one of {choices}")
+    _require(key, value, value in choices, f"must be one of {tuple(choices)}")
 
 
 def _positive(key: str, value) -> None:
-    if value <= 0:
-        raise ValueError(f"config key {key}={value!r} must be > 0")
+    _require(key, value, _is_finite(value) and value > 0, "must be a finite number > 0")
+
+
+def _nonnegative(key: str, value) -> None:
+    _require(key, value, _is_finite(value) and value >= 0, "must be a finite number >= 0")
+
+
+def _interval(key: str, value, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False,
+              why: str = "") -> None:
+    ok = _is_finite(value) and (lo < value if lo_open else lo <= value) and (value < hi if hi_open else value <= hi)
+    span = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    _require(key, value, ok, f"must be in {span}{why}")
+
+
+def _path(key: str, value) -> None:
+    """An optional path: None, or a non-empty string."""
+    _require(key, value, value is None or (isinstance(value, str) and value.strip() != ""),
+             "must be a non-empty path (or null)")
+
+
+def _did_you_mean(key: str, known) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -150,10 +207,15 @@ class DataSection:
     """Crop side in pixels."""
     num_workers: int = 4
     """Decoding workers per rank."""
+    max_bad_images: int = 100
+    """Unreadable image files (truncated, corrupt, empty, not an image) one rank may skip, each replaced by the
+    next readable file in sorted order and logged once with its name; one more stops the run (0: stop at the first)."""
 
     def __post_init__(self):
         _choice("data.source", self.source, DATA_SOURCES)
         _positive("data.resolution", self.resolution)
+        if self.max_bad_images < 0:
+            raise ValueError(f"config key data.max_bad_images={self.max_bad_images!r} must be >= 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -172,6 +234,9 @@ class ScheduleSection:
     """Autocast dtype of the forward passes (parameters, BN, losses stay fp32): bf16, fp16 or fp32."""
     weighting: str = "uniform"
     """Timestep sampling: uniform t ~ U[0, 1), or lognormal (logit-normal)."""
+    tf32: bool = True
+    """TF32 for fp32 matmuls and convolutions (CUDA only): on in the original (its fp32 parts: LPIPS, the VAE
+    and GAN losses, the discriminator). False keeps them IEEE fp32."""
 
     def __post_init__(self):
         _choice("schedule.precision", self.precision, PRECISIONS)

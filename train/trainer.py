@@ -205,6 +205,9 @@ class Trainer:
         self._stop_signal: int | None = None
         self._flops_per_image = estimate_flops_per_image(cfg) if torch.cuda.is_available() else None
 
+        # The original turns TF32 on for matmuls and cuDNN (its fp32 parts: LPIPS, VAE/GAN losses, discriminator).
+        torch.backends.cuda.matmul.allow_tf32 = cfg.schedule.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.schedule.tf32
         torch.manual_seed(cfg.schedule.seed)  # identical initial weights on every rank
         encoders = [e.to(self.device) for e in build_encoders(cfg)]
         sit = build_sit_from_config(cfg)
@@ -276,9 +279,11 @@ class Trainer:
                                    seed=cfg.schedule.seed)
             if dist.is_initialized():
                 dist.barrier()
-        return ImageFolderSource(root, cfg.data.resolution, global_batch_size=cfg.schedule.global_batch_size,
-                                 rank=self.rank, world_size=self.world, seed=cfg.schedule.seed,
-                                 num_workers=cfg.data.num_workers)
+        source = ImageFolderSource(root, cfg.data.resolution, global_batch_size=cfg.schedule.global_batch_size,
+                                   rank=self.rank, world_size=self.world, seed=cfg.schedule.seed,
+                                   num_workers=cfg.data.num_workers, max_bad_images=cfg.data.max_bad_images)
+        source.check_labels(cfg.sit.num_classes)  # before any step: label num_classes would be the null class
+        return source
 
     # -----------------------------------------------------------------------------------------------
     # One step with this rank's data and draws
@@ -461,6 +466,8 @@ class Trainer:
         values["bn/running_var_avg"] = float(bn.running_var.mean())
         for k in ENGINES:
             values[f"{k}/nonfinite_total"] = self.nan_total[k]
+        if self._data is not None:  # distinct unreadable files rank 0 has skipped (each logged once by its rank)
+            values["data/bad_images"] = self._data.num_bad_images
         if self.rank != 0:
             return
         from .visual import save_loss_plot
