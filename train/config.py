@@ -6,7 +6,10 @@
 A config file holds one object per section below plus `deepspeed` (engine settings only: ZeRO stage,
 bf16/fp16, communication; no batch keys, no optimizer, no scheduler: the trainer injects the batch
 sizes and builds AdamW itself). Unknown keys, wrong types and bad values are ValueErrors that name the
-key (`sit.hiden_size`); paths are checked by `check_paths` when the run starts. Defaults are REPA-E's
+key (`sit.hiden_size`), one line each, at load time: every number has a range (NaN and +-inf never
+pass), `deepspeed` keys are checked against the settings the trainer passes through (with a "did you
+mean" for a misspelling), and the model shapes the sections combine into must build. Paths are checked
+by `check_paths` when the run starts. Defaults are REPA-E's
 (spec §8). This file holds no training logic.
 """
 
@@ -92,9 +95,31 @@ def _path(key: str, value) -> None:
              "must be a non-empty path (or null)")
 
 
+def _int_at_least(key: str, value, lo: int) -> None:
+    _require(key, value, isinstance(value, int) and not isinstance(value, bool) and value >= lo,
+             f"must be an integer >= {lo}")
+
+
 def _did_you_mean(key: str, known) -> str:
     close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_overrides(owner: type, overrides: dict, reserved: dict[str, str]) -> None:
+    """`overrides` holds fields of the model dataclass `owner` (SiTConfig, VAEConfig): known, not set
+    elsewhere (`reserved`: field -> where it comes from), of the field's type, finite when numbers."""
+    hints = typing.get_type_hints(owner)
+    allowed = [k for k in hints if k not in reserved]
+    for k, v in overrides.items():
+        key = f"overrides.{k}"
+        if k in reserved:
+            raise ConfigKeyError(key, f" {reserved[k]}: remove it from overrides")
+        if k not in hints:
+            raise ConfigKeyError(key, f" is not a {owner.__name__} field{_did_you_mean(k, allowed)} "
+                                      f"(allowed: {', '.join(allowed)})")
+        _require(key, v, _type_ok(v, hints[k]), f"has the wrong type (expected {hints[k]})")
+        _require(key, v, all(_is_finite(x) for x in (v if isinstance(v, list) else [v]) if _is_number(x)),
+                 "must be finite")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,7 +148,24 @@ class SiTSection:
     """Attention backend (model/attention.py)."""
 
     def __post_init__(self):
-        _choice("sit.path_type", self.path_type, PATH_TYPES)
+        _choice("name", self.name, SiT_models)
+        for key in ("encoder_depth", "projector_dim", "num_classes"):
+            _int_at_least(key, getattr(self, key), 1)
+        # PARITY: REPA-E accepts 0; here the step always passes a label-drop mask, which needs the null class
+        # (a SiT with class_dropout_prob=0 has none and stops at the first step), and so do the CFG previews.
+        _interval("class_dropout_prob", self.class_dropout_prob, 0, 1, lo_open=True, hi_open=True,
+                  why=" (the label-drop mask and the CFG previews need the null class)")
+        _interval("bn_momentum", self.bn_momentum, 0, 1, lo_open=True,
+                  why=" (running = (1 - m) * running + m * batch: m < 0 or m > 1 extrapolates)")
+        _choice("path_type", self.path_type, PATH_TYPES)
+        _choice("attn_backend", self.attn_backend, ATTN_BACKENDS)
+        derived = {"input_size": "data.resolution / the VAE factor", "in_channels": "the VAE (vae.name / "
+                   "vae.overrides.embed_dim)", "z_dims": "encoder.enc_type", "kernel_backend": "kernel_backend"}
+        own = {f.name: f"sit.{f.name}" for f in dataclasses.fields(self) if f.name not in ("name", "overrides")}
+        _check_overrides(SiTConfig, self.overrides, {k: f"is set by {v}" for k, v in {**derived, **own}.items()})
+        depth = self.overrides.get("depth", SiT_models[self.name]["depth"])
+        _require("encoder_depth", self.encoder_depth, self.encoder_depth <= depth,
+                 f"must be <= the SiT depth {depth} (sit.name / sit.overrides.depth)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -143,6 +185,16 @@ class VAESection:
     allow_random: bool = False
     """Allow starting from a random VAE (tiny/demo configs; the paper starts from a pretrained VAE)."""
 
+    def __post_init__(self):
+        _choice("name", self.name, VAE_CONFIGS)
+        _check_overrides(VAEConfig, self.overrides, {"in_channels": "is fixed by the data (RGB images, 3 channels)"})
+        try:
+            vae_config(self.name, **self.overrides)  # the VAEConfig checks (ch_mult, GroupNorm widths, ...)
+        except ValueError as err:
+            raise ConfigKeyError("overrides", f": {err}") from None
+        for key in ("weights", "latents_stats", "discriminator_weights"):
+            _path(key, getattr(self, key))
+
 
 @dataclass(frozen=True, kw_only=True)
 class EncoderSection:
@@ -156,6 +208,16 @@ class EncoderSection:
     """Folder to look in first."""
     allow_random: bool = False
     """When no weight file is found, use a randomly initialised encoder (tiny/demo configs only)."""
+
+    def __post_init__(self):
+        from repae.model.encoders import parse_enc_type  # PERF: here, not at the top: it imports timm (~2 s)
+
+        try:
+            parse_enc_type(self.enc_type)
+        except (ValueError, NotImplementedError) as err:
+            raise ConfigKeyError("enc_type", f": {err}") from None
+        _path("weights", self.weights)
+        _path("weights_dir", self.weights_dir)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -175,6 +237,11 @@ class LossSection:
     sync_discriminator_bn: bool = False
     """All-reduce the discriminator's BatchNorm statistics across ranks (REPA-E: off, per-GPU BN)."""
 
+    def __post_init__(self):
+        _nonnegative("proj_coeff", self.proj_coeff)
+        _nonnegative("vae_align_proj_coeff", self.vae_align_proj_coeff)
+        _path("lpips_weights", self.lpips_weights)
+
 
 @dataclass(frozen=True, kw_only=True)
 class OptimSection:
@@ -192,7 +259,13 @@ class OptimSection:
     """Global L2 gradient clipping per model (0 disables)."""
 
     def __post_init__(self):
-        _positive("optim.lr", self.lr)
+        _positive("lr", self.lr)
+        _require("betas", self.betas, len(self.betas) == 2 and all(_is_finite(b) and 0 <= b < 1 for b in self.betas),
+                 "must be two numbers in [0, 1) (Adam's moment decays; 1 never forgets the first gradient)")
+        _positive("eps", self.eps)
+        _nonnegative("weight_decay", self.weight_decay)
+        _require("grad_clip", self.grad_clip, _is_finite(self.grad_clip) and self.grad_clip >= 0,
+                 "must be a finite number >= 0 (the max global L2 norm; 0 disables clipping)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -212,10 +285,13 @@ class DataSection:
     next readable file in sorted order and logged once with its name; one more stops the run (0: stop at the first)."""
 
     def __post_init__(self):
-        _choice("data.source", self.source, DATA_SOURCES)
-        _positive("data.resolution", self.resolution)
-        if self.max_bad_images < 0:
-            raise ValueError(f"config key data.max_bad_images={self.max_bad_images!r} must be >= 0")
+        _choice("source", self.source, DATA_SOURCES)
+        _path("root", self.root)
+        _int_at_least("resolution", self.resolution, 1)
+        _require("resolution", self.resolution, self.resolution % ENCODER_PATCH_GRID == 0,
+                 f"must be a multiple of {ENCODER_PATCH_GRID} (DINOv2 sees 224 * resolution / 256 px in 14-px patches)")
+        _int_at_least("num_workers", self.num_workers, 0)
+        _int_at_least("max_bad_images", self.max_bad_images, 0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -239,10 +315,13 @@ class ScheduleSection:
     and GAN losses, the discriminator). False keeps them IEEE fp32."""
 
     def __post_init__(self):
-        _choice("schedule.precision", self.precision, PRECISIONS)
-        _choice("schedule.weighting", self.weighting, WEIGHTINGS)
-        _positive("schedule.max_steps", self.max_steps)
-        _positive("schedule.global_batch_size", self.global_batch_size)
+        _int_at_least("max_steps", self.max_steps, 1)
+        _int_at_least("global_batch_size", self.global_batch_size, 1)
+        _require("seed", self.seed, isinstance(self.seed, int) and 0 <= self.seed < 2**32,
+                 "must be an integer in [0, 2**32) (numpy seeds the demo set with it)")
+        _interval("ema_decay", self.ema_decay, 0, 1, why=" (ema = decay * ema + (1 - decay) * param, every step)")
+        _choice("precision", self.precision, PRECISIONS)
+        _choice("weighting", self.weighting, WEIGHTINGS)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -271,8 +350,95 @@ class LoggingSection:
     """Consecutive non-finite losses of one model that stop the run."""
 
     def __post_init__(self):
-        for key in ("log_every", "ckpt_every", "keep_last", "nan_patience"):
-            _positive(f"logging.{key}", getattr(self, key))
+        _require("run_dir", self.run_dir, isinstance(self.run_dir, str) and self.run_dir.strip() != "",
+                 "must be a non-empty path (checkpoints, logs and samples go there)")
+        for key in ("log_every", "ckpt_every", "keep_last", "nan_patience", "num_samples", "sample_steps"):
+            _int_at_least(key, getattr(self, key), 1)
+        _int_at_least("sample_every", self.sample_every, 0)
+        _require("cfg_scale", self.cfg_scale, _is_finite(self.cfg_scale) and self.cfg_scale >= 1,
+                 "must be a finite number >= 1 (1: no guidance; the sampler treats anything below 1 as 1)")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The deepspeed section: the DeepSpeed 0.19 engine settings the trainer passes through, each with its check
+# (names and ranges from deepspeed/runtime/config.py, zero/config.py, precision_config.py)
+# ---------------------------------------------------------------------------------------------------
+
+_BOOL = (lambda v: isinstance(v, bool), "must be true or false")
+_COUNT = (lambda v: _is_finite(v) and v > 0 and (isinstance(v, int) or v.is_integer()), "must be a whole number > 0")
+_INT_GE0 = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "must be an integer >= 0")
+_POSITIVE = (lambda v: _is_finite(v) and v > 0, "must be a finite number > 0")
+_OBJECT = (lambda v: isinstance(v, dict), "must be an object")
+
+_DS_ZERO = {
+    "stage": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v in (0, 1, 2),
+              "must be 0, 1 or 2 (ZeRO-3 partitions the parameters, which the EMA reads whole)"),
+    "overlap_comm": _BOOL, "contiguous_gradients": _BOOL, "reduce_scatter": _BOOL, "allgather_partitions": _BOOL,
+    "round_robin_gradients": _BOOL, "use_multi_rank_bucket_allreduce": _BOOL, "load_from_fp32_weights": _BOOL,
+    "elastic_checkpoint": _BOOL, "ignore_unused_parameters": _BOOL,
+    "reduce_bucket_size": _COUNT, "allgather_bucket_size": _COUNT,
+}
+_DS_BF16 = {"enabled": _BOOL, "immediate_grad_update": _BOOL, "check_grad_overflow": _BOOL,
+            "bf16_master_weights_and_grads": _BOOL, "bf16_optimizer_states": _BOOL}
+_DS_FP16 = {"enabled": _BOOL, "auto_cast": _BOOL, "consecutive_hysteresis": _BOOL,
+            "fp16_master_weights_and_grads": _BOOL,
+            "loss_scale": (lambda v: _is_finite(v) and v >= 0, "must be a finite number >= 0 (0: dynamic scaling)"),
+            "initial_scale_power": _INT_GE0, "loss_scale_window": _COUNT, "hysteresis": _COUNT,
+            "min_loss_scale": _POSITIVE}
+_DS_TOP = {
+    "zero_optimization": _OBJECT, "bf16": _OBJECT, "fp16": _OBJECT, "steps_per_print": _COUNT,
+    "wall_clock_breakdown": _BOOL, "memory_breakdown": _BOOL, "prescale_gradients": _BOOL,
+    "gradient_predivide_factor": _POSITIVE, "disable_allgather": _BOOL, "dump_state": _BOOL,
+    "communication_data_type": (lambda v: isinstance(v, str) and v.lower() in ("fp16", "bf16", "fp32"),
+                                "must be fp16, bf16 or fp32"),
+}
+_DS_SUBSECTIONS = {"zero_optimization": _DS_ZERO, "bf16": _DS_BF16, "fp16": _DS_FP16}
+# Keys DeepSpeed knows that this trainer owns or cannot run, with the reason (STYLE B7).
+_BATCH = "is set by the trainer (from schedule.global_batch_size; DeepSpeed asserts train = micro * accum * world)"
+_DS_REJECTED = {
+    "train_batch_size": _BATCH, "train_micro_batch_size_per_gpu": _BATCH, "gradient_accumulation_steps": _BATCH,
+    "optimizer": "is set by the trainer (torch AdamW built from optim_sit / optim_vae / optim_disc)",
+    "scheduler": "is set by the trainer (a constant learning rate, optim_*.lr)",
+    "gradient_clipping": "is set by the trainer (per engine, from optim_*.grad_clip)",
+    "zero_allow_untested_optimizer": "is set by the trainer (its AdamW is a torch optimizer)",
+    "torch_autocast": "is set by the trainer (schedule.precision picks the autocast dtype)",
+    "bfloat16": "is DeepSpeed's old name: write bf16",
+}
+_ZERO3 = "is a ZeRO-3 setting (zero_optimization.stage must be 0, 1 or 2 here)"
+_DS_ZERO_REJECTED = {
+    "offload_optimizer": "needs DeepSpeed's CPU Adam (ZeRO-Offload); the trainer builds torch AdamW",
+    "cpu_offload": "needs DeepSpeed's CPU Adam (ZeRO-Offload); the trainer builds torch AdamW",
+    **{k: _ZERO3 for k in ("offload_param", "sub_group_size", "prefetch_bucket_size", "param_persistence_threshold",
+                           "model_persistence_threshold", "max_live_parameters", "max_reuse_distance",
+                           "gather_16bit_weights_on_model_save", "zero_hpz_partition_size", "zero_quantized_weights",
+                           "zero_quantized_gradients", "stage3_prefetch_bucket_size",
+                           "stage3_param_persistence_threshold", "stage3_max_live_parameters",
+                           "stage3_max_reuse_distance", "stage3_gather_16bit_weights_on_model_save")},
+}
+
+
+def _check_ds_table(key: str, node: dict, table: dict, rejected: dict[str, str]) -> None:
+    for k, v in node.items():
+        sub = f"{key}.{k}"
+        if k in rejected:
+            raise ConfigKeyError(sub, f" {rejected[k]}: remove it")
+        if k not in table:
+            raise ConfigKeyError(sub, f" is not a DeepSpeed setting this trainer accepts{_did_you_mean(k, table)} "
+                                      f"(accepted in {key}: {', '.join(table)})")
+        if isinstance(v, str) and v.strip().lower() == "auto":
+            raise ConfigKeyError(sub, "='auto': only the HF Trainer / Accelerate integrations fill that in, DeepSpeed "
+                                      "itself does not: give the value, or leave the key out for DeepSpeed's default")
+        ok, rule = table[k]
+        _require(sub, v, ok(v), rule)
+
+
+def _check_deepspeed(ds: dict) -> None:
+    """Every key of the deepspeed section is an accepted engine setting with a valid value (one line naming it)."""
+    _check_ds_table("deepspeed", ds, _DS_TOP, _DS_REJECTED)
+    for name, table in _DS_SUBSECTIONS.items():
+        if name in ds:
+            _check_ds_table(f"deepspeed.{name}", ds[name], table,
+                            _DS_ZERO_REJECTED if name == "zero_optimization" else {})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -296,18 +462,38 @@ class TrainConfig:
 
     def __post_init__(self):
         _choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
-        bad = [k for k in _DS_FORBIDDEN if k in self.deepspeed]
-        if bad:
-            raise ValueError(f"config key deepspeed.{bad[0]} is set by the trainer (batch sizes from "
-                             f"schedule.global_batch_size, AdamW and clipping from optim_*): remove it")
-        fp16_engine = bool(self.deepspeed.get("fp16", {}).get("enabled", False))
+        _check_deepspeed(self.deepspeed)
+        fp16_engine = self.deepspeed.get("fp16", {}).get("enabled", False)
+        if fp16_engine and self.deepspeed.get("bf16", {}).get("enabled", False):
+            raise ConfigKeyError("deepspeed.fp16.enabled", "=True and deepspeed.bf16.enabled=True: enable one of them")
         if self.schedule.precision == "fp16" and not fp16_engine:
             raise ValueError("config key schedule.precision=fp16 needs loss scaling: set deepspeed.fp16.enabled=true "
                              "(DeepSpeed's fp16 mode: fp32 master weights, one dynamic loss scaler per engine), or "
                              "use bf16")
-        stage = self.deepspeed.get("zero_optimization", {}).get("stage", 0)
-        if stage not in (0, 1, 2):
-            raise ValueError(f"config key deepspeed.zero_optimization.stage={stage!r} must be 0, 1 or 2")
+        self._check_model_shapes()
+
+    def _check_model_shapes(self) -> None:
+        """The cross-section shape rules the trainer's builders rely on, checked here so a bad combination is one
+        line at load time: the SiT token grid must match the encoder's, and the SiTConfig must build."""
+        from repae.model.encoders import parse_enc_type
+
+        vae = vae_config(self.vae.name, **self.vae.overrides)  # valid: VAESection checked it
+        patch = self.sit.overrides.get("patch_size", SiT_models[self.sit.name]["patch_size"])
+        if vae.factor * patch != ENCODER_PATCH_GRID:
+            key = "sit.overrides.patch_size" if "patch_size" in self.sit.overrides else "sit.name"
+            raise ConfigKeyError(key, f": patch {patch} on the {vae.factor}x latents of vae.name={self.vae.name!r} "
+                                      f"gives a grid of resolution / {vae.factor * patch} tokens a side, the encoder "
+                                      f"(DINOv2) resolution / {ENCODER_PATCH_GRID}: the REPA loss needs them equal")
+        z_dims = tuple(spec.embed_dim for spec in parse_enc_type(self.encoder.enc_type))
+        s = self.sit
+        try:  # the fields of the trainer's build_sit_from_config
+            sit_config(s.name, input_size=self.data.resolution // vae.factor, in_channels=vae.embed_dim,
+                       encoder_depth=s.encoder_depth, projector_dim=s.projector_dim,
+                       class_dropout_prob=s.class_dropout_prob, num_classes=s.num_classes, bn_momentum=s.bn_momentum,
+                       qk_norm=s.qk_norm, path_type=s.path_type, attn_backend=s.attn_backend, z_dims=z_dims,
+                       kernel_backend=self.kernel_backend, **s.overrides)
+        except ValueError as err:
+            raise ConfigKeyError("sit.name / sit.overrides", f": {err}") from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -330,6 +516,8 @@ def _type_ok(value, tp) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
     if origin is tuple:
         args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:  # tuple[int, ...]
+            return isinstance(value, (list, tuple)) and all(_type_ok(v, args[0]) for v in value)
         return isinstance(value, (list, tuple)) and len(value) == len(args) and all(
             _type_ok(v, a) for v, a in zip(value, args))
     if origin is dict or tp is dict:
@@ -344,8 +532,8 @@ def _build(cls, data: dict, prefix: str):
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in data if k not in names]
     if unknown:
-        raise ValueError(f"unknown config key {prefix}{unknown[0]} (known in {prefix.rstrip('.') or 'the root'}: "
-                         f"{', '.join(names)})")
+        raise ValueError(f"unknown config key {prefix}{unknown[0]}{_did_you_mean(unknown[0], names)} (known in "
+                         f"{prefix.rstrip('.') or 'the root'}: {', '.join(names)})")
     kwargs = {}
     for key, value in data.items():
         tp = hints[key]
@@ -359,7 +547,15 @@ def _build(cls, data: dict, prefix: str):
         if tp is float:
             value = float(value)
         kwargs[key] = value
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigKeyError as err:  # a section names its own field: prefix the path to the section
+        raise err.under(prefix) from None
+    except ValueError as err:  # a model-side dataclass (VAELossConfig) says `VAELossConfig.kl_weight ...`
+        text, head = str(err), f"{cls.__name__}."
+        if text.startswith(head):
+            raise ValueError(f"config key {prefix}{text[len(head):]}") from None
+        raise
 
 
 def _parse_value(text: str):
