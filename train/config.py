@@ -10,7 +10,7 @@ key (`sit.hiden_size`), one line each, at load time: every number has a range (N
 pass), `deepspeed` keys are checked against the settings the trainer passes through (with a "did you
 mean" for a misspelling), and the model shapes the sections combine into must build. Paths are checked
 by `check_paths` when the run starts. Defaults are REPA-E's
-(spec §8). This file holds no training logic.
+(spec sec. 8). This file holds no training logic.
 """
 
 from __future__ import annotations
@@ -222,7 +222,7 @@ class EncoderSection:
 
 @dataclass(frozen=True, kw_only=True)
 class LossSection:
-    """Loss weights (spec §1.3, §4.1) and the LPIPS / discriminator options."""
+    """Loss weights (spec sec. 1.3, sec. 4.1) and the LPIPS / discriminator options."""
 
     proj_coeff: float = 0.5
     """REPA loss weight in the SiT loss."""
@@ -245,7 +245,7 @@ class LossSection:
 
 @dataclass(frozen=True, kw_only=True)
 class OptimSection:
-    """AdamW for one model (spec §8: all three the same)."""
+    """AdamW for one model (spec sec. 8: all three the same)."""
 
     lr: float = 1e-4
     """Constant learning rate (no warmup, no schedule)."""

@@ -163,5 +163,5 @@ def test_flops_estimate_on_meta():
     tiny = estimate_flops_per_image(load_config(CONFIGS / "tiny_cpu.json"))
     full = estimate_flops_per_image(load_config(CONFIGS / "sitxl_repae.json"))
     assert 0 < tiny < full
-    # spec §9.2: SiT-XL/2 ~237 GFLOP/img forward, SD-VAE ~0.89 TFLOP/img forward -> ~3.5 TFLOP/img trained
+    # spec sec. 9.2: SiT-XL/2 ~237 GFLOP/img forward, SD-VAE ~0.89 TFLOP/img forward -> ~3.5 TFLOP/img trained
     assert 3.0e12 < full < 4.5e12
