@@ -5,14 +5,24 @@
     state = source.state_dict(); ...; source.load_state_dict(state)   # resumes at the very next batch
 
 Holds: the folder scan and labels of the original `preprocessing.py` (spec sec. 7), the ADM `center_crop_arr`,
-the world-size-independent batch order, the resumable position, and `write_demo_dataset` (a small synthetic
-set for the CPU demo and the tests). Must not hold augmentation (REPA-E has none), VAE/latent code or
-anything of the train step: a GPU (DALI) source replaces this file behind the same interface.
+the mode conversion to 8-bit RGB (16-bit PNGs included), the skipping of unreadable files, the label check
+against the model's class count, the world-size-independent batch order, the resumable position, and
+`write_demo_dataset` (a small synthetic set for the CPU demo and the tests, written atomically). Must not hold
+augmentation (REPA-E has none), VAE/latent code or anything of the train step: a GPU (DALI) source replaces
+this file behind the same interface.
 
 Batch order: epoch e permutes all N images with `torch.Generator().manual_seed(seed + e)`; global batch k
 is perm[k*G:(k+1)*G] (the last partial batch dropped), and rank r takes the contiguous slice
 [r*G/W:(r+1)*G/W]. Concatenating the ranks' slices gives the global batch, so one rank with batch G and W
 ranks with G/W each see the same images in the same order.
+
+Unreadable files (truncated, corrupt, empty, not an image): index i that fails to decode is replaced by the
+next readable index i+1, i+2, ... (mod N) in the sorted file order, so the replacement depends only on the
+files, never on the worker count or the world size; batch shapes, order and resume stay exact. Each sample
+carries the (index, reason) of the files it skipped; the main process logs each file once per rank with its
+name and reason, counts the distinct files, and stops with one ValueError line when a rank has met more
+than `max_bad_images` (config key data.max_bad_images). Corruption inside the JPEG entropy-coded data that
+libjpeg decodes without an error (garbled pixels) cannot be seen here and is not counted.
 """
 
 # b per-rank batch, G global batch, W world size, R resolution, N images
@@ -21,15 +31,22 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import socket
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+WIDE_INT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+"""PIL modes of one integer channel wider than 8 bits: 16-bit greyscale PNGs open as I;16 (older Pillows gave I)."""
+DEFAULT_MAX_BAD_IMAGES = 100
+"""Unreadable files one rank may skip before the run stops (the default of config key data.max_bad_images)."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -43,6 +60,12 @@ def scan_image_folder(root: str) -> tuple[list[str], list[int]]:
     Labels come from `root/dataset.json` ({"labels": [[relpath, label], ...]}) when it exists, else from the
     sorted top-level directory names (0..K-1; files directly under root form the class "" that sorts first).
     """
+    relpaths, labels, _ = _scan_with_label_source(root)
+    return relpaths, labels
+
+
+def _scan_with_label_source(root: str) -> tuple[list[str], list[int], str]:
+    """scan_image_folder plus where the labels came from, in words for error messages."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"image folder {root!r} does not exist (data.root)")
     relpaths = []
@@ -66,10 +89,10 @@ def scan_image_folder(root: str) -> tuple[list[str], list[int]]:
         missing = [p for p in relpaths if p not in by_path]
         if missing:
             raise ValueError(f"{meta_path}: 'labels' has no entry for {missing[0]!r} ({len(missing)} images missing)")
-        return relpaths, [by_path[p] for p in relpaths]
+        return relpaths, [by_path[p] for p in relpaths], f"{meta_path} ('labels')"
     top = [p.split("/")[0] if "/" in p else "" for p in relpaths]
     index = {name: i for i, name in enumerate(sorted(set(top)))}
-    return relpaths, [index[name] for name in top]
+    return relpaths, [index[name] for name in top], f"the {len(index)} class folders of data.root={root}"
 
 
 def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
@@ -84,19 +107,52 @@ def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
     return arr[crop_y:crop_y + image_size, crop_x:crop_x + image_size]
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any decoded PIL image -> 8-bit RGB, as the original's `convert("RGB")` but without clipping 16-bit data.
+
+    8-bit modes (L, P, LA, PA, RGBA, CMYK, YCbCr, 1, ...) go through `convert("RGB")` as in the original: alpha
+    is dropped (the colour under a transparent pixel is kept, no compositing), palettes are looked up, CMYK
+    uses PIL's plain formula (no ICC profile). One-channel modes wider than 8 bits (WIDE_INT_MODES) would be
+    clipped at 255 by `convert` (a 16-bit image of mean 127.5 reads as 254.5); they are mapped by the high
+    byte, v8 = v16 >> 8 (v clipped to [0, 65535] first for mode I), then replicated to RGB. `>> 8` is the
+    rule PIL itself applies to 16-bit RGB, RGBA and greyscale+alpha PNGs (it opens them as 8-bit RGB/RGBA
+    by keeping the high byte), so every 16-bit kind converts alike.
+    """
+    if img.mode in WIDE_INT_MODES:
+        v_RR = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
+        return Image.fromarray((v_RR >> 8).astype(np.uint8)).convert("RGB")
+    return img.convert("RGB")
+
+
 def load_image(path: str, resolution: int) -> torch.Tensor:
-    """One file -> uint8 [3, R, R] (RGB, ADM center crop, no augmentation)."""
+    """One file -> uint8 [3, R, R] (RGB by `to_rgb`, ADM center crop, no augmentation); raises on a bad file."""
     with Image.open(path) as img:
-        arr_RR3 = center_crop_arr(img.convert("RGB"), resolution)
+        img.load()  # decode now: a truncated file fails here, inside the caller's error handling
+        arr_RR3 = center_crop_arr(to_rgb(img), resolution)
     return torch.from_numpy(np.ascontiguousarray(arr_RR3)).permute(2, 0, 1).contiguous()
 
 
-class ImageFolderDataset(Dataset):
-    """Index -> (uint8 [3,R,R], int64 label) over a scanned folder; decoding happens in the loader's workers."""
+def _reason(err: BaseException) -> str:
+    """One short line for a decode failure: 'OSError: image file is truncated'."""
+    text = " ".join(str(err).split()) or "no message"
+    return f"{type(err).__name__}: {text[:200]}"
 
-    def __init__(self, root: str, resolution: int):
-        self.root, self.resolution = root, resolution
-        relpaths, labels = scan_image_folder(root)
+
+class Sample(NamedTuple):
+    """One dataset item: the image actually used, its label and index, and the unreadable files skipped to it."""
+
+    image: torch.Tensor  # uint8 (3, R, R)
+    label: int
+    index: int  # the index decoded (the requested one unless it was unreadable); -1: none readable within reach
+    bad: tuple[tuple[int, str], ...]  # (index, reason) of each unreadable file skipped, in probe order
+
+
+class ImageFolderDataset(Dataset):
+    """Index -> Sample over a scanned folder; an unreadable file is replaced by the next readable index."""
+
+    def __init__(self, root: str, resolution: int, *, max_bad_images: int = DEFAULT_MAX_BAD_IMAGES):
+        self.root, self.resolution, self.max_bad_images = root, resolution, max_bad_images
+        relpaths, labels, self.label_source = _scan_with_label_source(root)
         # PERF: one numpy buffer each, not 1.28M Python objects: forked workers would touch every object's
         # refcount and so copy the pages, the DataLoader "memory leak" of large Python lists.
         self.relpaths = np.array([p.encode() for p in relpaths])
@@ -105,9 +161,37 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.relpaths)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        path = os.path.join(self.root, self.relpaths[index].decode())
-        return load_image(path, self.resolution), int(self.labels[index])
+    def path(self, index: int) -> str:
+        return os.path.join(self.root, self.relpaths[index].decode())
+
+    def __getitem__(self, index: int) -> Sample:
+        """Decode `index`, or the first readable of index+1, index+2, ... (mod N) if it cannot be read.
+
+        At most max_bad_images + 1 files are probed (never more than N): past that the main process stops
+        the run anyway, and the sample comes back with index -1 and a zero image.
+        """
+        bad = []
+        for offset in range(min(len(self), self.max_bad_images + 1)):
+            i = (index + offset) % len(self)
+            try:
+                image = load_image(self.path(i), self.resolution)
+            # PIL raises OSError, SyntaxError, ValueError, struct.error, EOFError, zlib.error, ... depending on
+            # where the bytes break; any failure of one file's decode is that file's fault, so all are caught.
+            except Exception as err:  # noqa: BLE001
+                bad.append((i, _reason(err)))
+                continue
+            return Sample(image, int(self.labels[i]), i, tuple(bad))
+        R = self.resolution
+        return Sample(torch.zeros(3, R, R, dtype=torch.uint8), 0, -1, tuple(bad))
+
+
+def collate_samples(samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple]:
+    """Samples -> (images uint8 [b,3,R,R], labels int64 [b], indices int64 [b], bad (index, reason, used) tuples)."""
+    # PERF: default_collate stacks into shared memory inside a worker (no extra copy through the queue).
+    images_b3RR, labels_b = default_collate([(s.image, s.label) for s in samples])
+    indices_b = torch.tensor([s.index for s in samples], dtype=torch.int64)
+    bad = tuple((i, reason, s.index) for s in samples for i, reason in s.bad)
+    return images_b3RR, labels_b, indices_b, bad
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -155,7 +239,7 @@ class ImageFolderSource:
     """Class-folder images as this rank's slices of world-size-independent global batches, resumable."""
 
     def __init__(self, root: str, resolution: int, *, global_batch_size: int, rank: int, world_size: int, seed: int,
-                 num_workers: int = 4, drop_last: bool = True):
+                 num_workers: int = 4, drop_last: bool = True, max_bad_images: int = DEFAULT_MAX_BAD_IMAGES):
         if global_batch_size <= 0:
             raise ValueError(f"global_batch_size must be > 0, got {global_batch_size}")
         if not 0 <= rank < world_size:
@@ -164,7 +248,13 @@ class ImageFolderSource:
             raise ValueError(f"global_batch_size={global_batch_size} is not divisible by world_size={world_size}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        self.dataset = ImageFolderDataset(root, resolution)
+        if max_bad_images < 0:
+            raise ValueError(f"max_bad_images must be >= 0 (data.max_bad_images), got {max_bad_images}")
+        self.dataset = ImageFolderDataset(root, resolution, max_bad_images=max_bad_images)
+        self.max_bad_images = max_bad_images
+        # Distinct unreadable files this rank has met (relpath -> reason), each logged once. Not in state_dict:
+        # after a resume the same files are met again and counted once again, so the count stays distinct.
+        self.bad_images: dict[str, str] = {}
         self.root, self.resolution, self.seed = root, resolution, seed
         self.global_batch_size, self.rank, self.world_size = global_batch_size, rank, world_size
         self.num_workers, self.drop_last = num_workers, drop_last
@@ -184,6 +274,25 @@ class ImageFolderSource:
         return int(self.dataset.labels.max()) + 1
 
     @property
+    def num_bad_images(self) -> int:
+        """Distinct unreadable files this rank has skipped so far (each replaced by the next readable one)."""
+        return len(self.bad_images)
+
+    def check_labels(self, num_classes: int, key: str = "sit.num_classes") -> None:
+        """ValueError (one line naming both numbers, `key` and the label source) unless 0 <= label < num_classes.
+
+        Label num_classes is the model's CFG null class: one class too many would silently train as
+        unconditional, two too many fail with an IndexError in the embedding at the first step.
+        """
+        lo, hi = int(self.dataset.labels.min()), int(self.dataset.labels.max())
+        if lo < 0:
+            raise ValueError(f"{self.dataset.label_source} has label {lo}: labels must be >= 0")
+        if hi >= num_classes:
+            raise ValueError(f"{self.dataset.label_source} has labels up to {hi} ({hi + 1} classes), but "
+                             f"{key}={num_classes}: labels must be < {key} (label {num_classes} is the CFG null "
+                             f"class); set {key}={hi + 1} or fix the labels")
+
+    @property
     def steps_per_epoch(self) -> int:
         """Global batches per epoch (N // G with drop_last, else ceil(N / G))."""
         N, G = self.num_images, self.global_batch_size
@@ -198,14 +307,36 @@ class ImageFolderSource:
                                     steps_per_epoch=self.steps_per_epoch, rank=self.rank, world_size=self.world_size,
                                     seed=self.seed, epoch=self.epoch, batch=self.batch_in_epoch)
         loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
-                            pin_memory=torch.cuda.is_available(), persistent_workers=False)
+                            collate_fn=collate_samples, pin_memory=torch.cuda.is_available(),
+                            persistent_workers=False)
         return iter(loader)
+
+    def _note_bad(self, bad: tuple, indices_b: torch.Tensor) -> None:
+        """Log each new unreadable file once (rank, path, reason, replacement); stop past max_bad_images."""
+        for i, reason, used in bad:
+            relpath = self.dataset.relpaths[i].decode()
+            if relpath in self.bad_images:
+                continue
+            self.bad_images[relpath] = reason
+            instead = f"replaced by {self.dataset.relpaths[used].decode()}" if used >= 0 else "no replacement"
+            print(f"[repae] rank {self.rank}: skipped unreadable image {self.dataset.path(i)} ({reason}); {instead} "
+                  f"[{self.num_bad_images} so far, data.max_bad_images={self.max_bad_images}]", flush=True)
+        if self.num_bad_images > self.max_bad_images:
+            relpath, reason = next(reversed(self.bad_images.items()))
+            raise ValueError(f"{self.num_bad_images} unreadable images on rank {self.rank} exceed "
+                             f"data.max_bad_images={self.max_bad_images} (last: {os.path.join(self.root, relpath)}: "
+                             f"{reason}); fix or remove the files, or raise data.max_bad_images")
+        if bool((indices_b < 0).any()):
+            raise ValueError(f"no readable image among the {self.num_images} files under data.root={self.root} "
+                             f"({self.num_bad_images} unreadable, e.g. {next(iter(self.bad_images.items()))})")
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's next (images uint8 [b,3,R,R], labels int64 [b]); wraps into the next epoch by itself."""
         if self._it is None:
             self._it = self._loader()
-        images_b3RR, labels_b = next(self._it)
+        images_b3RR, labels_b, indices_b, bad = next(self._it)
+        if bad or bool((indices_b < 0).any()):
+            self._note_bad(bad, indices_b)
         self.batch_in_epoch += 1
         if self.batch_in_epoch >= self.steps_per_epoch:
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
@@ -257,27 +388,91 @@ def _demo_image(rng: np.random.RandomState, label: int, num_classes: int, resolu
     return np.clip(np.round(255 * img), 0, 255).astype(np.uint8)
 
 
+DEMO_MARKER = ".demo_complete.json"
+"""Written last into a demo set (its parameters): a folder without it is never taken as a complete set."""
+
+
+def _demo_temp_prefix(root: str) -> str:
+    return f"{root}.tmp"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_demo_temps(root: str) -> list[str]:
+    """Remove the temp folders of earlier writes of `root` that died half way; returns the removed paths.
+
+    Temp folders are `<root>.tmp-<host>-<pid>` (and `<root>.tmp<pid>` of older versions). One is kept only
+    while its writer, another live process on this host, may still be writing it; any other one is stale
+    (the writer was killed, or it is this very process after an exception).
+    """
+    parent, prefix = os.path.dirname(root), os.path.basename(_demo_temp_prefix(root))
+    pattern = re.compile(re.escape(prefix) + r"(?:-(?P<host>.+)-)?(?P<pid>\d+)")
+    removed = []
+    for name in os.listdir(parent) if os.path.isdir(parent) else []:
+        match = pattern.fullmatch(name)
+        if match is None:  # not one of ours: never touched
+            continue
+        host, pid = match["host"] or socket.gethostname(), int(match["pid"])
+        if not (host == socket.gethostname() and pid != os.getpid() and _pid_alive(pid)):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+            removed.append(os.path.join(parent, name))
+    return removed
+
+
+def _demo_is_complete(root: str, params: dict) -> bool:
+    try:
+        with open(os.path.join(root, DEMO_MARKER)) as f:
+            return json.load(f) == params
+    except (OSError, ValueError):
+        return False
+
+
 def write_demo_dataset(root: str, num_images: int = 64, num_classes: int = 4, resolution: int = 64,
                        seed: int = 0) -> str:
     """Write `num_images` deterministic PNGs into root/class_XX/ (round-robin over classes); returns root.
 
-    A missing root is written as a sibling temp folder and renamed, so an interrupted write leaves no half set.
+    Atomic: the set is written into the sibling `<root>.tmp-<host>-<pid>`, DEMO_MARKER last, and renamed onto
+    `root`; a write that fails or is killed half way never leaves a folder at `root`, and stale temp folders are
+    removed at the next call, which rebuilds the set. A complete set with the same parameters is kept as it is;
+    an existing non-empty `root` that is not one is a ValueError (it is never overwritten).
     """
     if num_images <= 0 or num_classes <= 0 or resolution <= 0:
         raise ValueError(f"write_demo_dataset: num_images={num_images}, num_classes={num_classes}, "
                          f"resolution={resolution} must all be > 0")
     root = os.path.abspath(root)
-    target = root if os.path.isdir(root) else f"{root}.tmp{os.getpid()}"
-    rng = np.random.RandomState(seed)
-    for i in range(num_images):
-        label = i % num_classes
-        folder = os.path.join(target, f"class_{label:02d}")
-        os.makedirs(folder, exist_ok=True)
-        Image.fromarray(_demo_image(rng, label, num_classes, resolution)).save(
-            os.path.join(folder, f"img_{i:05d}.png"))
-    if target != root:
-        if os.path.isdir(root):  # another writer won the race: keep its (identical) set
-            shutil.rmtree(target)
-        else:
-            os.replace(target, root)
+    params = {"num_images": num_images, "num_classes": num_classes, "resolution": resolution, "seed": seed}
+    remove_stale_demo_temps(root)
+    if _demo_is_complete(root, params):
+        return root
+    if os.path.exists(root) and not (os.path.isdir(root) and not os.listdir(root)):
+        raise ValueError(f"write_demo_dataset: {root} exists and is not a complete demo set with {params} (no "
+                         f"matching {DEMO_MARKER}); remove it or choose another folder")
+    target = f"{_demo_temp_prefix(root)}-{socket.gethostname()}-{os.getpid()}"
+    try:
+        rng = np.random.RandomState(seed)
+        for i in range(num_images):
+            label = i % num_classes
+            folder = os.path.join(target, f"class_{label:02d}")
+            os.makedirs(folder, exist_ok=True)
+            Image.fromarray(_demo_image(rng, label, num_classes, resolution)).save(
+                os.path.join(folder, f"img_{i:05d}.png"))
+        with open(os.path.join(target, DEMO_MARKER), "w") as f:
+            json.dump(params, f)
+        try:
+            os.replace(target, root)  # onto a missing or empty root; a non-empty one raises
+        except OSError:
+            if not _demo_is_complete(root, params):
+                raise
+            shutil.rmtree(target)  # another writer won the race: keep its (identical) set
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
     return root

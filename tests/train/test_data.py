@@ -117,8 +117,9 @@ def test_batches_follow_the_seeded_permutation(demo_root):
     images, labels = source.next_batch()  # epoch 1, batch 0
     assert images.shape == (8, 3, RES, RES) and images.dtype == torch.uint8 and labels.dtype == torch.int64
     for j, idx in enumerate(perm[:8].tolist()):
-        img, label = source.dataset[idx]
-        assert torch.equal(images[j], img) and labels[j] == label
+        sample = source.dataset[idx]
+        assert sample.index == idx and sample.bad == ()
+        assert torch.equal(images[j], sample.image) and labels[j] == sample.label
 
 
 def test_one_rank_and_two_ranks_see_the_same_global_batches(demo_root):
