@@ -28,20 +28,29 @@ for s in "${stages[@]}"; do
     *) echo "unknown stage '$s' (hw, parity, tests, kernels, step, loss, models; name[:seconds])" >&2; exit 2 ;; esac
 done
 
-bash scripts/install.sh || exit 1
-if ! .venv/bin/python -c "import repae.kernels" 2>/dev/null; then  # editable install refused: link the folders
-  echo "[gpu_report] repae does not import after install.sh: using a link tree on PYTHONPATH"
+# The GPU image's python3 is itself a venv (/opt/torch/.venv): a venv made from it does not see its torch.
+# There: no venv; the carried wheels go to /tmp/site and the repo folders are linked as `repae.*`.
+PYBIN=.venv/bin/python
+if python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  PYBIN=python3
+  if [ -d .wheels ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .wheels/*.whl \
+      || { echo "[gpu_report] installing .wheels failed" >&2; exit 1; }
+  fi
   mkdir -p /tmp/repae_links/repae && for d in kernels model train; do ln -sfn "$PWD/$d" "/tmp/repae_links/repae/$d"; done
-  export PYTHONPATH="/tmp/repae_links${PYTHONPATH:+:$PYTHONPATH}"
+  export PYTHONPATH="/tmp/repae_links:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+  python3 -c "import repae.kernels, repae.train.trainer" || exit 1
+else
+  bash scripts/install.sh || exit 1
 fi
 xdist=()
-.venv/bin/python -c "import xdist" 2>/dev/null && xdist=(-n 8)
-gpu=$(.venv/bin/python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))") || exit 1
+"$PYBIN" -c "import xdist" 2>/dev/null && xdist=(-n 8)
+gpu=$("$PYBIN" -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))") || exit 1
 out="bench/results/$gpu"
 mkdir -p "$out"
 
 pack() {
-  .venv/bin/python bench/report.py > /dev/null
+  "$PYBIN" bench/report.py > /dev/null
   if [ -n "${OUT:-}" ]; then
     local name
     name="results_$(IFS=_; echo "${stages[*]%%:*}").tgz"
@@ -56,9 +65,9 @@ for stage in "${stages[@]}"; do
   left=$(( deadline - (SECONDS - start) ))
   if [ "$stage" != "$s" ] && [ "${stage#*:}" -lt "$left" ]; then left=${stage#*:}; fi
   if [ "$left" -le 20 ]; then echo "[gpu_report] no time left for stage $s" | tee -a "$out/skipped.log"; rc=1; continue; fi
-  py=(.venv/bin/python -m pytest -q -rfE -p no:cacheprovider)
+  py=("$PYBIN" -m pytest -q -rfE -p no:cacheprovider)
   case "$s" in
-    hw) log="$out/hw.log"; cmd=(.venv/bin/python bench/ceilings.py "$out/hw.json") ;;
+    hw) log="$out/hw.log"; cmd=("$PYBIN" bench/ceilings.py "$out/hw.json") ;;
     parity) log="$out/parity.log"
       cmd=("${py[@]}" "${xdist[@]}" tests/kernels tests/model/test_sit.py tests/train/test_ema.py
            tests/test_bench_builders.py -k "not compile_check") ;;
@@ -74,5 +83,5 @@ for stage in "${stages[@]}"; do
   echo "[gpu_report] stage $s rc=$stage_rc ($(( SECONDS - start ))s)"; tail -4 "$log"
   [ "$stage_rc" -eq 0 ] || rc=1
 done
-.venv/bin/python bench/report.py | tail -40
+"$PYBIN" bench/report.py | tail -40
 exit $rc
