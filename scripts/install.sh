@@ -16,6 +16,10 @@ if [ -f "$stamp" ]; then exit 0; fi
 if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   echo "[install] CUDA torch found in $PY: reusing its packages (no torch download)"
   [ -d "$VENV" ] || "$PY" -m venv --system-site-packages "$VENV"
+  # When $PY is itself a venv (e.g. /opt/torch/.venv), --system-site-packages sees only the BASE interpreter's
+  # packages, not the torch of $PY: a .pth file adds $PY's own site folders.
+  site_dir=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  "$PY" -c "import site; print('\n'.join(site.getsitepackages()))" > "$site_dir/outer_python.pth"
   "$VENV/bin/pip" install -q --no-deps --no-build-isolation -e . \
     || { echo "[install] editable install failed" >&2; exit 1; }
   if [ -d .wheels ]; then  # carried from the CPU machine (scripts/gpu_wheels.sh): deepspeed, lpips and deps
