@@ -80,7 +80,7 @@ class LatentBatchNorm(nn.Module):
         """Latents for the decoder: x / rsqrt(running_var) + running_mean (no eps)."""
         return latent_bn_denorm(x_BCHW, self.running_mean, self.running_var, backend=self.backend)
 
-    def init_stats(self, latents_bias: torch.Tensor, latents_scale: torch.Tensor) -> None:
+    def init_stats(self, *, latents_scale: torch.Tensor, latents_bias: torch.Tensor) -> None:
         """Set the running statistics from a `-latents-stats.pt` pair: mean = bias, var = (1/scale)^2."""
         with torch.no_grad():
             self.running_mean.copy_(latents_bias.reshape(-1).to(self.running_mean))

@@ -415,9 +415,12 @@ class SiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
-    def init_bn(self, latents_bias: torch.Tensor, latents_scale: torch.Tensor) -> None:
-        """Latent BN statistics from a `-latents-stats.pt` pair (mean = bias, var = 1/scale^2)."""
-        self.bn.init_stats(latents_bias, latents_scale)
+    def init_bn(self, *, latents_scale: torch.Tensor, latents_bias: torch.Tensor) -> None:
+        """Latent BN statistics from a `-latents-stats.pt` pair (mean = bias, var = 1/scale^2).
+
+        Keyword-only: the original's positional order is (scale, bias), load_latents_stats returns (bias, scale).
+        """
+        self.bn.init_stats(latents_scale=latents_scale, latents_bias=latents_bias)
 
     def unpatchify(self, x_BTF: torch.Tensor) -> torch.Tensor:
         """[B, T, p*p*C] (c fastest) -> [B, C, H, W]."""

@@ -146,6 +146,9 @@ class SiTSection:
     """Interpolant: linear or cosine."""
     attn_backend: str = "auto"
     """Attention backend (model/attention.py)."""
+    freeze_pos_embed: bool = False
+    """Keep the sin-cos positional embedding fixed. False (default) trains it, as the original does: its loop's
+    requires_grad(model, True) re-enables the frozen parameter before every SiT update (docs/METHOD.md)."""
 
     def __post_init__(self):
         _choice("name", self.name, SiT_models)

@@ -137,7 +137,7 @@ def test_official_batchnorm_state_dict_loads_strict():
 def test_init_stats_from_latents_stats_file():
     ours = LatentBatchNorm(4)
     bias, scale = torch.randn(1, 4, 1, 1), torch.rand(1, 4, 1, 1) + 0.1
-    ours.init_stats(bias, scale)
+    ours.init_stats(latents_scale=scale, latents_bias=bias)
     torch.testing.assert_close(ours.running_mean, bias.flatten())
     torch.testing.assert_close(ours.running_var, (1 / scale.flatten()) ** 2)
     x = torch.randn(2, 4, 3, 3)

@@ -31,8 +31,11 @@ from step_inputs import synthetic_inputs  # noqa: E402  (bench/, on the test pat
 LR = 1e-4
 
 
-def reference_step(m, inputs, step, *, proj_coeff=0.5, align_coeff=1.5):
-    """spec §1.2 rows 0-12 with the original's structure; returns the losses."""
+def reference_step(m, inputs, step, *, proj_coeff=0.5, align_coeff=1.5, train_pos_embed=True):
+    """spec sec. 1.2 rows 0-12 with the original's structure; returns the losses and the SiT grad norm.
+
+    train_pos_embed=True is the original: requires_grad(model, True) before the SiT update re-enables the
+    frozen pos_embed. False is our sit.freeze_pos_embed switch."""
     x_raw, y = inputs.images, inputs.labels
     t4 = inputs.t.view(-1, 1, 1, 1)
     with torch.no_grad():
@@ -68,13 +71,14 @@ def reference_step(m, inputs, step, *, proj_coeff=0.5, align_coeff=1.5):
     m["opt_disc"].step()
     # SiT pass
     m["sit"].requires_grad_(True)
-    m["sit"].pos_embed.requires_grad_(False)
+    if not train_pos_embed:
+        m["sit"].pos_embed.requires_grad_(False)
     m["sit"].train()
     out = m["sit"](z.detach(), y, zs, t4, inputs.noise, force_drop_ids=inputs.drop_mask.int())
     sit_loss = out["denoising_loss"].mean() + proj_coeff * out["proj_loss"].mean()
     m["opt_sit"].zero_grad(set_to_none=True)
     sit_loss.backward()
-    torch.nn.utils.clip_grad_norm_(m["sit"].parameters(), 1.0)
+    sit_grad_norm = torch.nn.utils.clip_grad_norm_(m["sit"].parameters(), 1.0)
     m["opt_sit"].step()
     # update_ema: params then buffers (float buffers EMA'd, ints copied)
     with torch.no_grad():
@@ -89,7 +93,7 @@ def reference_step(m, inputs, step, *, proj_coeff=0.5, align_coeff=1.5):
                 ema_b[k].copy_(src_b[k])
     return {"vae/loss": vae_loss.detach(), "disc/discriminator_loss": d_loss.detach(),
             "sit/loss": sit_loss.detach(), "sit/denoising_loss": out["denoising_loss"].mean().detach(),
-            "sit/proj_loss": out["proj_loss"].mean().detach()}
+            "sit/proj_loss": out["proj_loss"].mean().detach(), "sit/grad_norm": sit_grad_norm}
 
 
 def build_reference(trainer):
@@ -106,7 +110,8 @@ def build_reference(trainer):
     ema.load_state_dict(trainer.ema.state_dict())
     vae = copy.deepcopy(trainer.models.vae.module)
     disc = copy.deepcopy(trainer.models.disc.module)
-    opt = lambda mod: torch.optim.AdamW([p for p in mod.parameters() if p.requires_grad], lr=LR,  # noqa: E731
+    # The original hands model.parameters() to each AdamW, frozen ones included (they never get a gradient).
+    opt = lambda mod: torch.optim.AdamW(list(mod.parameters()), lr=LR,  # noqa: E731
                                         betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     return {"sit": orig.train(), "ema": ema, "vae": vae.train(), "disc": disc.train(),
             "lpips": trainer.models.lpips, "encoders": trainer.models.encoders,
@@ -127,21 +132,34 @@ def make_inputs(trainer, seed):
     return synthetic_inputs(trainer, seed, drop_mask=torch.tensor([True] + [False] * (B - 1)))
 
 
-def test_two_steps_match_the_reference(tmp_path, ds_world):
+@pytest.mark.parametrize("freeze", [False, True], ids=["pos_embed_trained", "pos_embed_frozen"])
+def test_two_steps_match_the_reference(tmp_path, ds_world, freeze):
+    """Both settings of sit.freeze_pos_embed against the reference doing the same; the default (trained, the
+    original's behaviour) moves pos_embed, the frozen switch keeps it bitwise."""
     from repae.train.trainer import Trainer
 
-    trainer = Trainer(tiny_config(tmp_path / "run"))
+    trainer = Trainer(tiny_config(tmp_path / "run", f"sit.freeze_pos_embed={str(freeze).lower()}"))
     ref = build_reference(trainer)
+    pos0 = trainer.models.sit.module.pos_embed.detach().clone()
     for step in range(2):
         inputs = make_inputs(trainer, seed=step)
         ours = trainer.run_step(inputs)
-        want = reference_step(ref, inputs, step)
+        want = reference_step(ref, inputs, step, train_pos_embed=not freeze)
+        ours["sit/grad_norm"] = torch.as_tensor(trainer.models.sit.get_global_grad_norm(), dtype=torch.float32)
         for k, v in want.items():
-            torch.testing.assert_close(ours[k], v, rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"step {step} {k}: {m}")
+            torch.testing.assert_close(ours[k], v.float(), rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, k=k: f"step {step} {k}: {m}")
         assert_params_close("sit", trainer.models.sit.module.state_dict().items(), ref["sit"].state_dict().items())
         assert_params_close("vae", trainer.models.vae.module.state_dict().items(), ref["vae"].state_dict().items())
         assert_params_close("disc", trainer.models.disc.module.state_dict().items(), ref["disc"].state_dict().items())
         assert_params_close("ema", trainer.ema.state_dict().items(), ref["ema"].state_dict().items())
+    moved = (trainer.models.sit.module.pos_embed.detach() - pos0).abs().max().item()
+    if freeze:
+        assert moved == 0.0
+    else:
+        assert moved > 0.5 * LR, moved  # two Adam steps of ~lr each
+        torch.testing.assert_close(trainer.models.sit.module.pos_embed.detach(), ref["sit"].pos_embed.detach(),
+                                   rtol=0, atol=2.5 * LR)
 
 
 def test_nan_loss_is_skipped_and_counted(tmp_path, ds_world):
