@@ -88,10 +88,14 @@ class VAELossConfig:
     """Value of the original's frozen `logvar`: the reconstruction term is divided by exp(logvar_init)."""
     lpips_double_rescale: bool = True
     """LPIPS input bug of the April-2025 code and checkpoints (True); False is upstream's fix (PR #17)."""
+    lecam_regularization_weight: float = 0.0
+    """Factor on the LeCam regulariser of the discriminator loss (0 in REPA-E's shipped config: not computed)."""
+    lecam_ema_decay: float = 0.999
+    """Decay of the EMAs of the mean real / fake logits that the LeCam term compares against."""
 
     def __post_init__(self):
         for name in ("reconstruction_weight", "perceptual_weight", "kl_weight", "discriminator_weight",
-                     "discriminator_factor"):
+                     "discriminator_factor", "lecam_regularization_weight"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"VAELossConfig.{name} must be a finite number >= 0, got {value!r}")
@@ -101,6 +105,9 @@ class VAELossConfig:
         v = self.logvar_init
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise ValueError(f"VAELossConfig.logvar_init must be a finite number, got {v!r}")
+        d = self.lecam_ema_decay
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d <= 1:
+            raise ValueError(f"VAELossConfig.lecam_ema_decay must be a number in [0, 1], got {d!r}")
         if self.lpips_double_rescale is not True and self.lpips_double_rescale is not False:
             raise ValueError(f"VAELossConfig.lpips_double_rescale must be True or False, got "
                              f"{self.lpips_double_rescale!r}")
@@ -181,21 +188,58 @@ def vae_generator_loss(x: torch.Tensor, x_hat: torch.Tensor, posterior, logits_f
     return total, logs
 
 
-def discriminator_hinge_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor, *,
-                             factor: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """factor * 0.5 * (mean relu(1 - D(x)) + mean relu(1 + D(sg x_hat))) in fp32 (spec 4.4, taming's hinge_d_loss).
+class LeCamEMA(nn.Module):
+    """The EMAs of the mean real and fake logits that the LeCam term uses (the original's two [1] buffers on
+    its loss module, initialised to 0). Updated after each discriminator loss while the term is on."""
 
-    factor: cfg.discriminator_factor_at(step). Logs discriminator_loss and the mean real/fake logits (detached).
+    def __init__(self, decay: float = 0.999):
+        super().__init__()
+        self.decay = decay
+        self.register_buffer("ema_real_logits_mean", torch.zeros(1))
+        self.register_buffer("ema_fake_logits_mean", torch.zeros(1))
+
+    @torch.no_grad()
+    def update(self, real_mean: torch.Tensor, fake_mean: torch.Tensor) -> None:
+        """ema = ema * decay + mean * (1 - decay), the original's expression (written back in place)."""
+        d = self.decay
+        self.ema_real_logits_mean.copy_(self.ema_real_logits_mean * d + real_mean.detach() * (1 - d))
+        self.ema_fake_logits_mean.copy_(self.ema_fake_logits_mean * d + fake_mean.detach() * (1 - d))
+
+
+def lecam_loss(real_mean: torch.Tensor, fake_mean: torch.Tensor, ema: LeCamEMA) -> torch.Tensor:
+    """mean(relu(E[D(x)] - ema_fake)^2) + mean(relu(ema_real - E[D(x_hat)])^2), the original's compute_lecam_loss
+    on the batch-mean logits (unweighted)."""
+    loss = torch.mean(torch.pow(F.relu(real_mean - ema.ema_fake_logits_mean), 2))
+    return loss + torch.mean(torch.pow(F.relu(ema.ema_real_logits_mean - fake_mean), 2))
+
+
+def discriminator_hinge_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor, *, factor: float = 1.0,
+                             lecam_weight: float = 0.0, lecam: LeCamEMA | None = None
+                             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """factor * 0.5 * (mean relu(1 - D(x)) + mean relu(1 + D(sg x_hat))) + lecam_weight * LeCam, in fp32 (spec
+    4.4, taming's hinge_d_loss; the LeCam term of the original's loss, not scaled by factor).
+
+    factor: cfg.discriminator_factor_at(step). With lecam_weight > 0 the term is computed against `lecam`'s EMAs,
+    which are then updated with this batch's mean logits (as the original, after the loss is formed). Logs
+    discriminator_loss, the mean real/fake logits and lecam_loss (detached).
     """
     if logits_real.ndim < 1 or logits_fake.ndim < 1:
         raise ValueError(f"discriminator_hinge_loss: logits of shapes {tuple(logits_real.shape)} and "
                          f"{tuple(logits_fake.shape)}: expected [B, ...] maps")
+    if lecam_weight > 0 and lecam is None:
+        raise ValueError("discriminator_hinge_loss: lecam_weight > 0 needs the LeCamEMA state (lecam=)")
     with _fp32_region(logits_real):
         real, fake = logits_real.float(), logits_fake.float()
         loss_real = torch.mean(F.relu(1.0 - real))
         loss_fake = torch.mean(F.relu(1.0 + fake))
-        # PARITY: the original adds a LeCam term, 0 at REPA-E's weight 0; it is not computed (x + 0 == x).
         loss = factor * (0.5 * (loss_real + loss_fake))
+        if lecam_weight > 0:
+            real_mean, fake_mean = torch.mean(real), torch.mean(fake)
+            reg = lecam_loss(real_mean, fake_mean, lecam) * lecam_weight
+            lecam.update(real_mean, fake_mean)
+            loss = loss + reg
+        else:  # the original adds a zero tensor here (x + 0 == x): nothing to compute
+            reg = torch.zeros((), device=real.device)
     logs = {"discriminator_loss": loss.detach(), "logits_real": real.detach().mean(),
-            "logits_fake": fake.detach().mean()}
+            "logits_fake": fake.detach().mean(), "lecam_loss": reg.detach()}
     return loss, logs

@@ -13,8 +13,11 @@ DeepSpeed engine, or `PlainEngine` below for single-process use and tests). Froz
 module through `torch.func.functional_call` with detached parameters, so no engine parameter ever has
 its `requires_grad` toggled (ZeRO's gradient hooks stay intact) and no frozen weight gradient is built.
 t, eps, the label-drop mask and the posterior noise come in as arguments (the trainer draws them).
-The step returns 0-d tensors and makes one host sync per model: the finiteness check of its loss, so
-a non-finite loss skips that model's update. This file holds no I/O, logging or checkpointing.
+The step returns 0-d tensors and makes one host sync per model: the finiteness check of its loss, taken
+over all ranks (one 1-element all-reduce), so a non-finite loss on any rank skips that model's update on
+every rank (no rank waits in a gradient reduction the others never enter). A skipped update leaves the
+model's buffers as they were before the step (the SiT's latent-BN statistics, the discriminator's BN and
+LeCam EMAs), and a skipped SiT update skips the EMA too. This file holds no I/O, logging or checkpointing.
 """
 
 # B batch, C latent channels, R image side, N tokens, E encoder dim
@@ -26,10 +29,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.func import functional_call
 
 from repae.model.losses import (
+    LeCamEMA,
     VAELossConfig,
     denoising_loss,
     discriminator_hinge_loss,
@@ -66,7 +71,8 @@ class PlainEngine:
 
 @dataclass
 class StepModels:
-    """What one step touches. `ema` has update(module, decay); `encoders` map uint8 images to [B, N, E]."""
+    """What one step touches. `ema` has update(module, decay); `encoders` map uint8 images to [B, N, E];
+    `lecam` holds the LeCam EMAs (needed when vae_loss.lecam_regularization_weight > 0)."""
 
     sit: object
     vae: object
@@ -74,6 +80,7 @@ class StepModels:
     lpips: nn.Module
     encoders: Sequence[nn.Module]
     ema: object
+    lecam: LeCamEMA | None = None
 
 
 @dataclass(frozen=True)
@@ -113,14 +120,41 @@ def frozen_call(module: nn.Module, *args, **kwargs):
     return functional_call(module, params, args, kwargs, strict=False)
 
 
-def _update(engine, loss: torch.Tensor, logs: dict[str, torch.Tensor], name: str) -> None:
-    """engine.backward(loss) + engine.step() unless the loss is non-finite; logs[name/skipped] = 0. or 1."""
+def finite_on_all_ranks(loss: torch.Tensor) -> bool:
+    """Whether `loss` is finite on every rank: the same answer everywhere (a MIN all-reduce when distributed)."""
+    flag = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag)
+
+
+class _Buffers:
+    """Copies of modules' buffers, put back when the update they belong to is skipped."""
+
+    def __init__(self, *modules: nn.Module | None):
+        # PERF: a few [C] clones per step (latent BN, discriminator BN, LeCam), against every buffer staying
+        # finite after a non-finite batch.
+        self.saved = [(b, b.clone()) for m in modules if m is not None for b in m.buffers()]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for b, copy in self.saved:
+                b.copy_(copy)
+
+
+def _update(engine, loss: torch.Tensor, logs: dict[str, torch.Tensor], name: str,
+            buffers: _Buffers | None = None) -> bool:
+    """engine.backward(loss) + engine.step() unless the loss is non-finite on some rank (then `buffers` go back
+    to their saved values); logs[name/skipped] = 0. or 1. Returns whether the update ran."""
     # PERF: one host sync per model and step, the price of skipping a non-finite update before it lands.
-    finite = bool(torch.isfinite(loss))
+    finite = finite_on_all_ranks(loss)
     logs[f"{name}/skipped"] = torch.tensor(0.0 if finite else 1.0)
     if finite:
         engine.backward(loss)
         engine.step()
+    elif buffers is not None:
+        buffers.restore()
+    return finite
 
 
 def train_step(models: StepModels, inputs: StepInputs, settings: StepSettings, *, step: int,
@@ -150,6 +184,7 @@ def train_step(models: StepModels, inputs: StepInputs, settings: StepSettings, *
     # 2. VAE loss: generator terms (disc frozen, its BN on the fake batch) + alignment through the frozen SiT.
     # fp32: the original runs the loss without autocast. Skipped while the GAN term is off (the original
     # does not call D then either).
+    disc_buffers = _Buffers(models.disc.module, models.lecam)  # D's BN moves in the frozen call below already
     disc_dtype = next(models.disc.module.parameters()).dtype  # fp32, or half under DeepSpeed's bf16/fp16 modes
     logits_fake = (frozen_call(models.disc.module, x_hat.to(disc_dtype)).float() if settings.vae_loss.gan_active(step)
                    else None)
@@ -174,12 +209,15 @@ def train_step(models: StepModels, inputs: StepInputs, settings: StepSettings, *
     logits_real = models.disc(x.detach().to(disc_dtype)).float()
     logits_fake = models.disc(x_hat.detach().to(disc_dtype)).float()
     d_loss, d_logs = discriminator_hinge_loss(logits_real, logits_fake,
-                                              factor=settings.vae_loss.discriminator_factor_at(step))
+                                              factor=settings.vae_loss.discriminator_factor_at(step),
+                                              lecam_weight=settings.vae_loss.lecam_regularization_weight,
+                                              lecam=models.lecam)
     logs.update({f"disc/{k}": v for k, v in d_logs.items()})
-    _update(models.disc, d_loss, logs, "disc")
+    _update(models.disc, d_loss, logs, "disc", disc_buffers)
     mark("disc")
 
     # 4. SiT on sg(z): same t and eps, BN on (global) batch statistics, label dropout by the given mask.
+    sit_buffers = _Buffers(models.sit.module)  # the forward updates the latent-BN running statistics
     with amp:
         out = models.sit(z.detach(), inputs.labels, inputs.t, inputs.noise, drop_mask_B=inputs.drop_mask,
                          use_batch_stats=True)
@@ -189,10 +227,11 @@ def train_step(models: StepModels, inputs: StepInputs, settings: StepSettings, *
     mark("sit_forward")
     logs.update({"sit/denoising_loss": dn_loss.detach(), "sit/proj_loss": proj_loss.detach(),
                  "sit/loss": sit_loss.detach()})
-    _update(models.sit, sit_loss, logs, "sit")
+    sit_updated = _update(models.sit, sit_loss, logs, "sit", sit_buffers)
     mark("sit_backward_step")
 
-    # 5. EMA of the SiT (parameters and BN buffers).
-    models.ema.update(models.sit.module, decay=settings.ema_decay)
+    # 5. EMA of the SiT (parameters and BN buffers); nothing moved when the SiT update was skipped.
+    if sit_updated:
+        models.ema.update(models.sit.module, decay=settings.ema_decay)
     mark("ema")
     return logs

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from repae.model.discriminator import NLayerDiscriminator
 from repae.model.losses import (
+    LeCamEMA,
     VAELossConfig,
     denoising_loss,
     discriminator_hinge_loss,
@@ -307,7 +308,8 @@ def test_hinge_loss_by_hand():
     fake = torch.tensor([[-2.0, 0.0, 0.5]], requires_grad=True)
     loss, logs = discriminator_hinge_loss(real, fake)
     torch.testing.assert_close(loss, torch.tensor(5.0 / 6.0))
-    assert set(logs) == {"discriminator_loss", "logits_real", "logits_fake"}
+    assert set(logs) == {"discriminator_loss", "logits_real", "logits_fake", "lecam_loss"}
+    assert logs["lecam_loss"] == 0
     torch.testing.assert_close(logs["logits_real"], torch.tensor(0.5))
     torch.testing.assert_close(logs["logits_fake"], torch.tensor(-0.5))
     assert all(v.ndim == 0 and not v.requires_grad for v in logs.values())
@@ -330,6 +332,55 @@ def test_hinge_loss_matches_original_and_is_fp32():
         got, logs = discriminator_hinge_loss(real.bfloat16(), fake.bfloat16())
     assert got.dtype == torch.float32 and logs["logits_real"].dtype == torch.float32
     torch.testing.assert_close(got, original_hinge_d_loss(real.bfloat16().float(), fake.bfloat16().float()), **EXACT)
+
+
+class OriginalLeCam(nn.Module):
+    """The original loss module's LeCam part as it is written there: two [1] buffers reassigned out of place."""
+
+    def __init__(self, weight, decay):
+        super().__init__()
+        self.lecam_regularization_weight, self.lecam_ema_decay = weight, decay
+        self.register_buffer("ema_real_logits_mean", torch.zeros((1)))
+        self.register_buffer("ema_fake_logits_mean", torch.zeros((1)))
+
+    def forward(self, logits_real, logits_fake, discriminator_factor):
+        discriminator_loss = discriminator_factor * original_hinge_d_loss(logits_real, logits_fake)
+        lecam_loss = torch.mean(torch.pow(F.relu(torch.mean(logits_real) - self.ema_fake_logits_mean), 2))
+        lecam_loss += torch.mean(torch.pow(F.relu(self.ema_real_logits_mean - torch.mean(logits_fake)), 2))
+        lecam_loss = lecam_loss * self.lecam_regularization_weight
+        d = self.lecam_ema_decay
+        self.ema_real_logits_mean = self.ema_real_logits_mean * d + torch.mean(logits_real).detach() * (1 - d)
+        self.ema_fake_logits_mean = self.ema_fake_logits_mean * d + torch.mean(logits_fake).detach() * (1 - d)
+        discriminator_loss += lecam_loss
+        return discriminator_loss, lecam_loss
+
+
+def test_lecam_matches_the_original_over_several_steps():
+    """Loss, gradients and both EMAs bitwise over 4 calls (the term bites once the EMAs have moved: real logits
+    above the fake EMA, fake logits below the real EMA); the weight is not scaled by the GAN factor."""
+    g = torch.Generator().manual_seed(7)
+    ours, orig = LeCamEMA(decay=0.9), OriginalLeCam(weight=0.3, decay=0.9)
+    for step in range(4):
+        real = (torch.randn(3, 1, 5, 5, generator=g) + 2.0).requires_grad_()
+        fake = (torch.randn(3, 1, 5, 5, generator=g) - 2.0).requires_grad_()
+        real2, fake2 = real.detach().clone().requires_grad_(), fake.detach().clone().requires_grad_()
+        loss, logs = discriminator_hinge_loss(real, fake, factor=0.5, lecam_weight=0.3, lecam=ours)
+        want, want_lecam = orig(real2, fake2, 0.5)
+        torch.testing.assert_close(loss, want, **EXACT)
+        torch.testing.assert_close(logs["lecam_loss"], want_lecam.detach(), **EXACT)
+        loss.backward(), want.backward()
+        torch.testing.assert_close(real.grad, real2.grad, **EXACT)
+        torch.testing.assert_close(fake.grad, fake2.grad, **EXACT)
+        torch.testing.assert_close(ours.ema_real_logits_mean, orig.ema_real_logits_mean, **EXACT)
+        torch.testing.assert_close(ours.ema_fake_logits_mean, orig.ema_fake_logits_mean, **EXACT)
+        if step > 0:
+            assert logs["lecam_loss"] > 0
+    with pytest.raises(ValueError, match="LeCamEMA"):
+        discriminator_hinge_loss(real, fake, lecam_weight=0.1)
+    with pytest.raises(ValueError, match="lecam_ema_decay"):
+        VAELossConfig(lecam_ema_decay=1.5)
+    with pytest.raises(ValueError, match="lecam_regularization_weight"):
+        VAELossConfig(lecam_regularization_weight=float("nan"))
 
 
 # ---------------------------------------------------------------- SiT losses
