@@ -42,6 +42,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
+from .preemption import shield_loader_worker
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 WIDE_INT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 """PIL modes of one integer channel wider than 8 bits: 16-bit greyscale PNGs open as I;16 (older Pillows gave I)."""
@@ -306,9 +308,11 @@ class ImageFolderSource:
         sampler = _RankBatchSampler(num_images=self.num_images, global_batch_size=self.global_batch_size,
                                     steps_per_epoch=self.steps_per_epoch, rank=self.rank, world_size=self.world_size,
                                     seed=self.seed, epoch=self.epoch, batch=self.batch_in_epoch)
+        # worker_init_fn: the loader workers outlive a SIGTERM/SIGINT sent to the process group or tree, so the
+        # trainer can finish its step and checkpoint (train/preemption.py).
         loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
                             collate_fn=collate_samples, pin_memory=torch.cuda.is_available(),
-                            persistent_workers=False)
+                            persistent_workers=False, worker_init_fn=shield_loader_worker)
         return iter(loader)
 
     def _note_bad(self, bad: tuple, indices_b: torch.Tensor) -> None:

@@ -10,7 +10,8 @@ Writes into --out:
   (latents_scale = running_var^-1/2, latents_bias = running_mean, [1, C, 1, 1]) and
   `e2e-vae-discriminator-ckpt.pt`; `sit-ema.safetensors`.
 The optimizer entries are empty dicts: ZeRO keeps AdamW's state partitioned and flattened, which is not
-torch's AdamW layout (resume from our own checkpoints instead). This file only reads and writes files.
+torch's AdamW layout (resume from our own checkpoints instead). Reading goes through train/checkpoint.py
+(the layout, validation, weights-only loads); this file only reads and writes files.
 """
 
 from __future__ import annotations
@@ -20,23 +21,17 @@ import json
 import os
 import sys
 
-import torch
-
 from repae.model.vae import save_latents_stats
 from repae.model.weights import save_weights
 
-from .trainer import CKPT_DIR
+from . import checkpoint as ckpt
 
 
-def _engine_weights(ckpt_dir: str, tag: str) -> dict:
-    plain = os.path.join(ckpt_dir, f"{tag}.pt")
-    if os.path.isfile(plain):  # PlainEngine checkpoints
-        return torch.load(plain, map_location="cpu", weights_only=True)["module"]
-    path = os.path.join(ckpt_dir, tag, "mp_rank_00_model_states.pt")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no weights for {tag} in {ckpt_dir} (expected {path})")
-    # DeepSpeed's own file holds more than tensors (its config, versions): trusted, written by this run.
-    return torch.load(path, map_location="cpu", weights_only=False)["module"]
+def _engine_weights(ckpt_dir: str, tag: str, kind: str) -> dict:
+    """An engine's weights from a validated checkpoint, read weights-only (train/checkpoint.py)."""
+    if kind == "plain":  # PlainEngine checkpoints
+        return ckpt.load_file(os.path.join(ckpt_dir, f"{tag}.pt"))["module"]
+    return ckpt.load_file(os.path.join(ckpt_dir, tag, ckpt.MODEL_STATES))["module"]
 
 
 def official_args(config: dict) -> dict:
@@ -57,22 +52,16 @@ def official_args(config: dict) -> dict:
 
 
 def export_run(run_dir: str, out: str, step: int | None = None) -> str:
-    root = os.path.join(run_dir, CKPT_DIR)
-    if step is None:
-        latest = os.path.join(root, "latest")
-        if not os.path.isfile(latest):
-            raise FileNotFoundError(f"no checkpoint in {root} (no `latest` file)")
-        name = open(latest).read().strip()
-    else:
-        name = f"step{step:07d}"
-    ckpt = os.path.join(root, name)
-    if not os.path.isdir(ckpt):
-        raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
-    state = torch.load(os.path.join(ckpt, "trainer.pt"), map_location="cpu", weights_only=False)
+    root = os.path.join(run_dir, ckpt.CKPT_DIR)
+    path = ckpt.resolve(root, step)  # strictly inside root; no fallback: export what was asked for
+    kinds = ckpt.kinds_on_disk(path)
+    ckpt.validate(path, kinds)  # every file weights-only loadable (a pickled payload is refused, never run)
+    state = ckpt.load_file(os.path.join(path, ckpt.TRAINER_FILE))
     steps, ema = state["step"], state["ema"]
     args = official_args(state["config"])
-    official = {"model": _engine_weights(ckpt, "sit"), "ema": ema, "vae": _engine_weights(ckpt, "vae"),
-                "discriminator": _engine_weights(ckpt, "disc"), "opt": {}, "opt_vae": {}, "opt_disc": {},
+    official = {"model": _engine_weights(path, "sit", kinds["sit"]), "ema": ema,
+                "vae": _engine_weights(path, "vae", kinds["vae"]),
+                "discriminator": _engine_weights(path, "disc", kinds["disc"]), "opt": {}, "opt_vae": {}, "opt_disc": {},
                 "args": args, "steps": steps}
     os.makedirs(os.path.join(out, "checkpoints"), exist_ok=True)
     save_weights(official, os.path.join(out, "checkpoints", f"{steps:07d}.pt"))

@@ -3,6 +3,19 @@
 Also runs as `python train/main.py ...` (one process) and `torchrun --nproc_per_node N train/main.py ...`.
 Resumes from <run_dir>/checkpoints/latest when it exists (--no-resume starts over in a new run_dir only).
 Errors in the config (unknown key, bad value, missing file or folder) are one line naming the key.
+
+Exit codes: 0 the run reached schedule.max_steps; 2 a config or input error (one line); 3 stopped on purpose
+(too many non-finite losses); EXIT_INTERRUPTED = 143 stopped early by SIGTERM/SIGINT or by its launcher
+exiting, after the checkpoint of the step it stopped at (the same command resumes). 143 = 128 + SIGTERM, what
+a shell shows for a process killed by SIGTERM, so a preempted run reads the same whether its stop completed
+or it was killed (only a completed stop has the checkpoint of the stop step).
+What the launchers return (details in train/preemption.py): `python` the worker's code. `deepspeed` on one
+node, when the runner alone is signalled: the runner forwards nothing and dies at once (a signal death, 143
+in a shell); the workers see it gone, checkpoint and exit 143, which deepspeed.launcher.launch logs ("exits
+with return code = 143") and returns. When deepspeed.launcher.launch is signalled too (process group, Ctrl-C,
+a scheduler): it SIGTERMs the workers, SIGKILLs them after 30 s and exits 1. `torchrun` forwards the signal,
+waits for the workers (--shutdown_timeout, 30 s) and exits 1. A second SIGTERM/SIGINT during the stop is
+logged and ignored; SIGKILL aborts, and the previous complete checkpoint is the one resumed.
 """
 
 from __future__ import annotations
@@ -11,6 +24,9 @@ import argparse
 import os
 import socket
 import sys
+
+EXIT_INTERRUPTED = 143
+"""Exit status of a run stopped before schedule.max_steps by a signal or its launcher exiting, checkpoint written."""
 
 
 def _free_port() -> int:
@@ -49,6 +65,9 @@ def init_distributed() -> None:
 
 
 def main(argv=None) -> int:
+    from repae.train.preemption import launcher_chain
+
+    launcher_chain()  # record the launcher processes to watch now, while they are surely alive
     args = parse_args(argv)
     from repae.train.config import load_config
 
@@ -74,6 +93,11 @@ def main(argv=None) -> int:
     except RunStopped as err:
         print(f"stopped: {err}", file=sys.stderr)
         return 3
+    if trainer.stopped_by is not None:
+        if trainer.rank == 0:
+            print(f"interrupted: stopped by {trainer.stopped_by} at step {trainer.step} after its checkpoint; "
+                  f"the same command resumes (exit code {EXIT_INTERRUPTED})", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0
 
 

@@ -20,8 +20,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import signal
 import time
 import warnings
 
@@ -31,16 +29,18 @@ import torch.distributed as dist
 from repae.kernels import allreduce_stats_hook
 from repae.model.discriminator import build_discriminator
 from repae.model.encoders import DINOv2Encoder, parse_enc_type
+from repae.model.losses import LeCamEMA
 from repae.model.lpips import LPIPS
 from repae.model.sit import SiT, sit_config
 from repae.model.vae import VAEConfig, build_vae, vae_config, latents_stats_path, load_latents_stats, load_vae_weights
 
+from . import checkpoint as ckpt
 from .config import TrainConfig, check_paths
 from .ema import EMA
+from .preemption import StopRequest, describe
 from .sync_bn import sync_batchnorm_
 from .step import PlainEngine, StepInputs, StepModels, StepSettings, train_step
 
-CKPT_DIR = "checkpoints"
 ENGINES = ("sit", "vae", "disc")
 
 
@@ -69,6 +69,31 @@ def estimate_flops_per_image(cfg: TrainConfig) -> float:
             vae(torch.zeros(1, 3, R, R), sample_posterior=False)
         vae_f = counter.get_total_flops()
     return 3 * sit_f + 2 * sit_f * c.encoder_depth / c.depth + 3 * vae_f
+
+
+def json_line(row: dict) -> str:
+    """Strict JSON (RFC 8259 has no NaN/Infinity): a non-finite float is written as null."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+    return json.dumps(clean, allow_nan=False)
+
+
+def truncate_log(path: str, step: int) -> None:
+    """Drop the rows of log.jsonl after `step` (and a line cut short by a kill), atomically."""
+    if not os.path.isfile(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+                kept.append(json_line(row) + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
 
 
 class RunStopped(RuntimeError):
@@ -197,12 +222,17 @@ class Trainer:
                              f"world size {self.world}")
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
         self.run_dir = cfg.logging.run_dir
-        self.ckpt_root = os.path.join(self.run_dir, CKPT_DIR)
+        self.ckpt_root = os.path.join(self.run_dir, ckpt.CKPT_DIR)
+        if self.rank == 0:  # before anything is written: a partial checkpoint may be what filled the disk
+            for name in ckpt.remove_stale_temps(self.ckpt_root):
+                log0(f"removed {os.path.join(self.ckpt_root, name)}, left by an interrupted checkpoint write")
         self.step = 0
         self.nan_counts = {k: 0 for k in ENGINES}
         self.nan_total = {k: 0 for k in ENGINES}
         self.history: dict[str, list] = {}
-        self._stop_signal: int | None = None
+        self._stop = StopRequest(self.rank)  # SIGTERM/SIGINT and the launcher watch, installed by fit()
+        self.stopped_by: str | None = None
+        """Why fit() stopped before schedule.max_steps (e.g. 'SIGTERM'), after its checkpoint; None otherwise."""
         self._flops_per_image = estimate_flops_per_image(cfg) if torch.cuda.is_available() else None
 
         # The original turns TF32 on for matmuls and cuDNN (its fp32 parts: LPIPS, VAE/GAN losses, discriminator).
@@ -216,13 +246,18 @@ class Trainer:
             load_vae_weights(vae, cfg.vae.weights)
             stats = cfg.vae.latents_stats or latents_stats_path(cfg.vae.weights)
             if os.path.exists(stats):
-                sit.init_bn(*load_latents_stats(stats))
+                bias, scale = load_latents_stats(stats)
+                sit.init_bn(latents_scale=scale, latents_bias=bias)
             else:
                 log0(f"NOTE: no latents-stats file {stats}: the latent BN starts at mean 0, var 1")
         disc = build_discriminator(cfg.vae.discriminator_weights)
         if cfg.loss.sync_discriminator_bn and self.world > 1:
             sync_batchnorm_(disc)
         sit, vae, disc = sit.to(self.device), vae.to(self.device), disc.to(self.device)
+        # PARITY: the original builds pos_embed frozen but its requires_grad(model, True) before each SiT update
+        # trains it (gradient, clip norm, AdamW, EMA). Under DDP it then never all-reduces that gradient (frozen
+        # when DDP was built), so its ranks drift apart; here it is reduced like every other gradient.
+        sit.pos_embed.requires_grad_(not cfg.sit.freeze_pos_embed)
         if self.world > 1:
             sit.bn.stats_hook = allreduce_stats_hook()
         self.ema = EMA(sit)  # after the BN statistics are set (the original copies at step 0, decay 0)
@@ -246,8 +281,11 @@ class Trainer:
             engine.module.train()
         # DeepSpeed's bf16/fp16 modes cast the module; the latent BN statistics must stay fp32 (kernel contract).
         sit.bn.float()
+        # The LeCam EMAs exist only while the term is on (the original registers its buffers only then).
+        lecam = (LeCamEMA(cfg.loss.vae.lecam_ema_decay).to(self.device) if cfg.loss.vae.lecam_regularization_weight > 0
+                 else None)
         self.models = StepModels(sit=engines["sit"], vae=engines["vae"], disc=engines["disc"], lpips=lpips,
-                                 encoders=encoders, ema=self.ema)
+                                 encoders=encoders, ema=self.ema, lecam=lecam)
         self.settings = StepSettings(vae_loss=cfg.loss.vae, proj_coeff=cfg.loss.proj_coeff,
                                      vae_align_proj_coeff=cfg.loss.vae_align_proj_coeff,
                                      ema_decay=cfg.schedule.ema_decay, precision=cfg.schedule.precision,
@@ -315,80 +353,51 @@ class Trainer:
     # Checkpoints
     # -----------------------------------------------------------------------------------------------
 
-    def _barrier(self):
-        if dist.is_initialized():
-            dist.barrier()
-
     def save_checkpoint(self) -> str:
-        """Write checkpoints/step<step> atomically (temp folder, rename, then `latest`); keep the last K."""
-        name = f"step{self.step:07d}"
-        tmp = os.path.join(self.ckpt_root, f".tmp-{name}")
-        final = os.path.join(self.ckpt_root, name)
+        """Write checkpoints/step<step> atomically, then prune (train/checkpoint.py: layout, full disk, pruning)."""
+        state = None
         if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-        self._barrier()
-        for key, engine in self.engines.items():
-            if isinstance(engine, PlainEngine):
-                if self.rank == 0:
-                    torch.save({"module": engine.module.state_dict(), "optimizer": engine.optimizer.state_dict()},
-                               os.path.join(tmp, f"{key}.pt"))
-            else:
-                engine.save_checkpoint(tmp, tag=key, save_latest=False)
-        rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
-               else None}
-        torch.save(rng, os.path.join(tmp, f"rng_rank{self.rank}.pt"))
-        if self.rank == 0:
-            torch.save({"step": self.step, "ema": self.ema.state_dict(), "random": self.random.state_dict(),
-                        "data": self.data.state_dict(), "nan_counts": self.nan_counts, "nan_total": self.nan_total,
-                        "history": self.history, "config": self.cfg.to_dict(), "world_size": self.world},
-                       os.path.join(tmp, "trainer.pt"))
-        self._barrier()
-        if self.rank == 0:
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            latest_tmp = os.path.join(self.ckpt_root, "latest.tmp")
-            with open(latest_tmp, "w") as f:
-                f.write(name)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(latest_tmp, os.path.join(self.ckpt_root, "latest"))
-            kept = sorted(d for d in os.listdir(self.ckpt_root) if d.startswith("step"))
-            for old in kept[: -self.cfg.logging.keep_last]:
-                shutil.rmtree(os.path.join(self.ckpt_root, old), ignore_errors=True)
-        self._barrier()
-        log0(f"checkpoint {final}")
-        return final
-
-    def latest_checkpoint(self) -> str | None:
-        pointer = os.path.join(self.ckpt_root, "latest")
-        if not os.path.isfile(pointer):
-            return None
-        with open(pointer) as f:
-            path = os.path.join(self.ckpt_root, f.read().strip())
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"{pointer} points to {path}, which does not exist")
+            finite = ckpt.all_finite([e.module for e in self.engines.values()] + [self.ema.module])
+            state = {"step": self.step, "ema": self.ema.state_dict(), "random": self.random.state_dict(),
+                     "data": self.data.state_dict(), "nan_counts": self.nan_counts, "nan_total": self.nan_total,
+                     "history": self.history, "config": self.cfg.to_dict(), "world_size": self.world,
+                     "finite": finite}
+        path = ckpt.save(self.ckpt_root, self.step, self.engines, state, rank=self.rank,
+                         keep_last=self.cfg.logging.keep_last, device=self.device, log=log0)
+        log0(f"checkpoint {path}" + ("" if state is None or state["finite"] else " (holds NON-FINITE values)"))
         return path
 
+    def latest_checkpoint(self) -> str | None:
+        """The checkpoint to resume: what `latest` names once validated, else the newest complete older one (a line
+        says what was broken); None when there is none. CheckpointError (one line) when none is usable."""
+        kinds = ckpt.engine_kinds(self.engines)
+        info = ckpt.on_rank0(lambda: ckpt.select(self.ckpt_root, kinds), self.device)
+        if info is None:
+            return None
+        for line in info.notes:
+            log0(line)
+        return info.path
+
     def load_checkpoint(self, path: str) -> None:
-        """Restore everything `save_checkpoint` wrote; the run continues as if it had never stopped."""
-        for key, engine in self.engines.items():
-            if isinstance(engine, PlainEngine):
-                state = torch.load(os.path.join(path, f"{key}.pt"), map_location=self.device, weights_only=True)
-                engine.module.load_state_dict(state["module"])
-                engine.optimizer.load_state_dict(state["optimizer"])
-            else:
-                engine.load_checkpoint(path, tag=key, load_optimizer_states=True, load_lr_scheduler_states=False)
+        """Restore everything `save_checkpoint` wrote; the run continues as if it had never stopped. The folder is
+        validated first; a config change is refused (model, engine layout, ZeRO 1/2 world size) or applied
+        (optimizer settings), see train/checkpoint.py."""
+        kinds = ckpt.engine_kinds(self.engines)
+        info = ckpt.on_rank0(lambda: ckpt.validate(path, kinds), self.device)
+        for line in ckpt.check_resume(info, self.cfg.to_dict(), self.world):
+            log0(f"config change on resume: {line}")
+        ckpt.load_engines(path, self.engines, self.device)
+        sections = {k: getattr(self.cfg, f"optim_{k}") for k in self.engines}
+        for line in ckpt.apply_optimizer_settings(self.engines, sections, info.config):
+            log0(f"config change on resume: {line}")
         self.models.sit.module.bn.float()
-        state = torch.load(os.path.join(path, "trainer.pt"), map_location="cpu", weights_only=False)
+        state, rng = ckpt.load_state(path, self.rank)
         self.step = state["step"]
         self.ema.load_state_dict(state["ema"])
         self.random.load_state_dict(state["random"])
         self.data.load_state_dict(state["data"])
         self.nan_counts, self.nan_total, self.history = state["nan_counts"], state["nan_total"], state["history"]
-        rng_file = os.path.join(path, f"rng_rank{self.rank}.pt")
-        if os.path.isfile(rng_file):
-            rng = torch.load(rng_file, map_location="cpu", weights_only=False)
+        if rng is not None:  # None: a rank the writing run did not have (another world size at ZeRO stage 0)
             torch.set_rng_state(rng["torch"])
             if rng["cuda"] is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
@@ -423,21 +432,19 @@ class Trainer:
     # -----------------------------------------------------------------------------------------------
 
     def _install_signal_handlers(self):
-        def handler(signum, frame):
-            self._stop_signal = signum
-            log0(f"signal {signal.Signals(signum).name}: checkpointing after this step, then exiting")
+        """SIGTERM/SIGINT (and the launcher exiting) stop the run after the current step; train/preemption.py."""
+        self._stop.install()
 
-        for s in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(s, handler)
-
-    def _should_stop(self) -> bool:
-        """A signal on any rank stops every rank at the same step (one tiny all-reduce per step when W > 1)."""
-        flag = self._stop_signal is not None
+    def _should_stop(self) -> str | None:
+        """Why every rank stops after this step ('SIGTERM', 'SIGINT', 'the launcher exiting'), else None. The
+        ranks' stop codes are all-reduced (MAX) so that all stop at the same step for the same reason: one tiny
+        all-reduce per step when W > 1."""
+        code = self._stop.poll()
         if dist.is_initialized() and self.world > 1:
-            t = torch.tensor([float(flag)], device=self.device)
-            dist.all_reduce(t)
-            flag = bool(t.item())
-        return flag
+            t = torch.tensor([float(code)], device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            code = int(t.item())
+        return describe(code) if code else None
 
     def _log(self, sums: dict[str, torch.Tensor], count: int, t0: float, writer, bar) -> None:
         keys = sorted(sums)
@@ -446,6 +453,7 @@ class Trainer:
             dist.all_reduce(vec)
             vec /= self.world
         values = dict(zip(keys, vec.tolist()))
+        values["log/window_steps"] = count  # the first window after a (re)start may be shorter than log_every
         elapsed = time.time() - t0
         values["perf/img_per_s"] = count * self.cfg.schedule.global_batch_size / max(elapsed, 1e-9)
         if self._flops_per_image is not None:
@@ -482,7 +490,7 @@ class Trainer:
         save_loss_plot({k: v for k, v in self.history.items() if k.endswith("loss")},
                        os.path.join(self.run_dir, "losses.png"))
         with open(os.path.join(self.run_dir, "log.jsonl"), "a") as f:
-            f.write(json.dumps({"step": self.step, **values}) + "\n")
+            f.write(json_line({"step": self.step, **values}) + "\n")
 
     def fit(self, *, resume: bool = True) -> None:
         cfg = self.cfg
@@ -490,15 +498,20 @@ class Trainer:
             os.makedirs(self.run_dir, exist_ok=True)
             with open(os.path.join(self.run_dir, "config.json"), "w") as f:
                 json.dump(cfg.to_dict(), f, indent=2)
+        resumed = False
         if resume and (path := self.latest_checkpoint()) is not None:
             self.load_checkpoint(path)
+            resumed = True
+            if self.rank == 0:  # the steps after the checkpoint are trained (and logged) again
+                truncate_log(os.path.join(self.run_dir, "log.jsonl"), self.step)
         self._install_signal_handlers()
         writer = None
         if self.rank == 0 and cfg.logging.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                writer = SummaryWriter(os.path.join(self.run_dir, "tb"))
+                # purge_step: tensorboard drops the events of the steps after the checkpoint when resuming
+                writer = SummaryWriter(os.path.join(self.run_dir, "tb"), purge_step=self.step + 1 if resumed else None)
             except ImportError:
                 warnings.warn("tensorboard is not installed: no tensorboard logs (pip install tensorboard)", stacklevel=1)
         bar = None
@@ -523,12 +536,16 @@ class Trainer:
                     self.save_samples()
                 if self.step % cfg.logging.ckpt_every == 0 or self.step == cfg.schedule.max_steps:
                     self.save_checkpoint()
-                if self._should_stop():
-                    if self.step % cfg.logging.ckpt_every:
-                        self.save_checkpoint()
-                    log0(f"stopped by signal at step {self.step}; resume with the same command")
+                if (reason := self._should_stop()) is not None:
+                    if self.step < cfg.schedule.max_steps:  # at max_steps the run is complete (and saved above)
+                        if self.step % cfg.logging.ckpt_every:
+                            self.save_checkpoint()
+                        self.stopped_by = reason
+                        log0(f"stopped by {reason} at step {self.step}; resume with the same command")
                     break
         finally:
+            if self.stopped_by is None:  # after a stop they stay: a repeat while the process exits is absorbed
+                self._stop.uninstall()
             if bar is not None:
                 bar.close()
             if writer is not None:

@@ -1,5 +1,6 @@
 """train/main.py as a user runs it: bad config keys, a missing data folder or weight file are one-line
-errors naming them (exit code 2); SIGTERM writes a checkpoint and exits 0, and the same command resumes."""
+errors naming them (exit code 2); SIGTERM writes a checkpoint and exits EXIT_INTERRUPTED (143), and the same
+command resumes (the other launchers: test_signals.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CONFIGS
+from repae.train.main import EXIT_INTERRUPTED
 
 pytest.importorskip("deepspeed")
 if importlib.util.find_spec("lpips") is None:  # its shipped weights file only (importing it needs scipy)
@@ -64,10 +66,10 @@ def test_sigterm_checkpoints_and_the_same_command_resumes(tmp_path):
         time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=240)
-    assert proc.returncode == 0, err[-2000:]
+    assert proc.returncode == EXIT_INTERRUPTED, err[-2000:]
     latest = (tmp_path / "checkpoints" / "latest").read_text()
     step = int(latest.removeprefix("step"))
-    assert 1 <= step < 200 and "stopped by signal" in out + err
+    assert 1 <= step < 200 and "stopped by SIGTERM at step" in out + err
     resumed = run_main("--set", f"logging.run_dir={tmp_path}", "--set", f"schedule.max_steps={step + 1}")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resumed from {tmp_path / 'checkpoints' / latest}" in resumed.stdout

@@ -94,10 +94,12 @@ try:
 except RunStopped as err:
     stopped = str(err)
 bn = t.models.sit.module.bn
-print("RESULT" + json.dumps({"rank": t.rank, "rows": rows, "stopped": stopped,
-                              "bn_finite": bool(torch.isfinite(bn.running_mean).all() and torch.isfinite(bn.running_var).all()),
-                              "ema_finite": all(bool(torch.isfinite(v).all()) for v in t.ema.state_dict().values()
-                                                if v.is_floating_point())}), flush=True)
+# one file per rank: the ranks share stdout, where two lines can interleave
+with open(os.path.join(sys.argv[4], f"result_rank{t.rank}.json"), "w") as f:
+    json.dump({"rank": t.rank, "rows": rows, "stopped": stopped,
+               "bn_finite": bool(torch.isfinite(bn.running_mean).all() and torch.isfinite(bn.running_var).all()),
+               "ema_finite": all(bool(torch.isfinite(v).all()) for v in t.ema.state_dict().values()
+                                 if v.is_floating_point())}, f)
 '''
 
 
@@ -107,10 +109,10 @@ def _two_ranks(tmp_path: Path, bad_steps: list[int]) -> dict[int, dict]:
     env = {**clean_env(), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(29700 + os.getpid() % 1000), str(script), str(tmp_path / "run"), str(Path(__file__).resolve().parent),
-           json.dumps(bad_steps)]
+           json.dumps(bad_steps), str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)  # a hang fails, bounded
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = [json.loads(line[len("RESULT"):]) for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+    results = [json.loads(f.read_text()) for f in sorted(tmp_path.glob("result_rank*.json"))]
     return {r["rank"]: r for r in results}
 
 

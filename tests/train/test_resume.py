@@ -48,6 +48,7 @@ def test_resume_is_bit_identical(tmp_path, ds_world):
 
 def test_crash_during_checkpoint_write_keeps_the_previous_one(tmp_path, ds_world, monkeypatch):
     from repae.train import trainer as trainer_mod
+    from repae.train.checkpoint import CheckpointError
 
     cfg = tiny_config(tmp_path / "c", "schedule.max_steps=2", "logging.ckpt_every=1", "logging.sample_every=0")
     trainer = trainer_mod.Trainer(cfg)
@@ -56,17 +57,17 @@ def test_crash_during_checkpoint_write_keeps_the_previous_one(tmp_path, ds_world
     trainer.run_step()
     real_save = torch.save
 
-    def dying_save(obj, path, *a, **kw):
-        if str(path).endswith("trainer.pt"):
-            raise OSError("disk full (injected)")
-        return real_save(obj, path, *a, **kw)
+    def dying_save(obj, f, *a, **kw):  # checkpoints are written through file objects
+        if str(getattr(f, "name", f)).endswith("trainer.pt"):
+            raise OSError("write failed (injected)")
+        return real_save(obj, f, *a, **kw)
 
     monkeypatch.setattr(trainer_mod.torch, "save", dying_save)
-    with pytest.raises(OSError, match="injected"):
+    with pytest.raises(CheckpointError, match="injected"):
         trainer.save_checkpoint()
     monkeypatch.setattr(trainer_mod.torch, "save", real_save)
-    ckpts = tmp_path / "c" / "checkpoints"
-    assert open(ckpts / "latest").read() == "step0000001" and (ckpts / ".tmp-step0000002").exists()
+    ckpts = tmp_path / "c" / "checkpoints"  # the partial folder is removed (a kill -9 would leave it: next start)
+    assert open(ckpts / "latest").read() == "step0000001" and not (ckpts / ".tmp-step0000002").exists()
     again = trainer_mod.Trainer(cfg)
     again.load_checkpoint(again.latest_checkpoint())
     assert again.step == 1
