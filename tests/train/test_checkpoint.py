@@ -127,6 +127,9 @@ def test_every_checkpoint_file_loads_weights_only(base_run):
 # ---------------------------------------------------------------------------------------------------
 
 
+GARBAGE = random.Random(0).randbytes(999)  # seeded: the same bytes on every run
+
+
 def _truncate(path: Path) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
@@ -135,7 +138,7 @@ def _truncate(path: Path) -> None:
 DAMAGE = {  # kind: (what to do to the run, the file named, the words of the reason, the step resumed)
     "truncated trainer.pt": (lambda c: _truncate(c / STEP2 / "trainer.pt"), f"{STEP2}/trainer.pt", "truncated", 1),
     "truncated optimizer shard": (lambda c: _truncate(c / SIT_OPTIM), SIT_OPTIM, "truncated", 1),
-    "garbage model states": (lambda c: (c / STEP2 / "disc" / "mp_rank_00_model_states.pt").write_bytes(random.Random(0).randbytes(999)),
+    "garbage model states": (lambda c: (c / STEP2 / "disc" / "mp_rank_00_model_states.pt").write_bytes(GARBAGE),
                              f"{STEP2}/disc/mp_rank_00_model_states.pt", "not a torch", 1),
     "empty optimizer shard": (lambda c: (c / SIT_OPTIM).write_bytes(b""), SIT_OPTIM, "empty", 1),
     "missing engine folder": (lambda c: shutil.rmtree(c / STEP2 / "vae"), f"{STEP2}/vae", "missing engine folder", 1),
