@@ -44,6 +44,7 @@ import os
 import pickle
 import re
 import shutil
+import struct
 import zipfile
 from dataclasses import dataclass, field
 
@@ -119,7 +120,8 @@ def _load_reason(err: Exception) -> str:
                 f"this trainer never writes it)")
     if "central directory" in text or "PytorchStreamReader" in text:
         return "truncated or not a torch file (its zip archive is incomplete)"
-    if isinstance(err, EOFError):
+    # struct.error / "unexpected EOF": a legacy-format file cut inside a record / inside its tensor data
+    if isinstance(err, (EOFError, struct.error)) or "unexpected EOF" in text:
         return "truncated (unexpected end of file)"
     if (m := re.search(r"Unsupported operand \d+", text)) is not None:
         return f"not a torch checkpoint file ({m.group(0)})"
@@ -141,8 +143,10 @@ def load_file(path: str, *, map_location="cpu", mmap: bool = False):
     with open(path, "rb") as f:
         head = f.read(len(LEGACY_HEADER))
     is_zip = zipfile.is_zipfile(path)
-    if head.startswith(ZIP_HEADER) and not is_zip:
+    if not is_zip and (head.startswith(ZIP_HEADER) or ZIP_HEADER.startswith(head)):
         raise CheckpointError(f"{path}: truncated (its zip archive is incomplete)")
+    if len(head) < len(LEGACY_HEADER) and LEGACY_HEADER.startswith(head):
+        raise CheckpointError(f"{path}: truncated (cut inside the legacy format's header)")
     if not is_zip and not head.startswith(LEGACY_HEADER):  # what any unpickler would make of it is noise
         raise CheckpointError(f"{path}: not a torch checkpoint file (starts with {head[:8]!r}, neither torch's zip "
                               f"format nor its legacy one)")

@@ -345,6 +345,24 @@ def test_disk_full_keeps_the_previous_checkpoint_and_no_temp_folder(base_run, tm
     assert again.step == 2
 
 
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_file_damage_is_named_for_both_torch_formats(tmp_path, zip_format):
+    """Both formats torch.save writes load; cut short, each says truncated; any other bytes are not a torch file."""
+    from repae.train.checkpoint import CheckpointError, load_file, save_file
+
+    good, cut = tmp_path / "good.pt", tmp_path / "cut.pt"
+    save_file({"w": torch.arange(1000.0)}, str(good), zip_format=zip_format)
+    assert torch.equal(load_file(str(good))["w"], torch.arange(1000.0))
+    for size in (10, 30, good.stat().st_size // 2, good.stat().st_size - 1):
+        cut.write_bytes(good.read_bytes()[:size])
+        with pytest.raises(CheckpointError, match=f"{cut}: truncated"):
+            load_file(str(cut))
+    for junk in (GARBAGE, b"hello world, not a checkpoint", b"\x80\x04K\x01."):  # the last: a plain pickle of 1
+        cut.write_bytes(junk)
+        with pytest.raises(CheckpointError, match=f"{cut}: not a torch checkpoint file"):
+            load_file(str(cut))
+
+
 def test_a_real_enospc_names_the_file(tmp_path):
     """/dev/full fails every write with ENOSPC: through a file object torch reports it (not 'unexpected pos')."""
     from repae.train.checkpoint import DiskFullError, save_file
