@@ -10,7 +10,6 @@ from model_harness import H100_BF16_PEAK_TFLOPS, MODEL_PROVIDERS, model_case
 from shapes import MODEL_CASES
 
 
-
 def _applies(kind: str, provider: str) -> bool:
     """The VAE has no fused kernels; the original SiT transcription is timed on the loss pass only."""
     if kind == "vae":

@@ -8,8 +8,8 @@ builders on CPU so the plumbing is checked even where no GPU is lent.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -15,7 +15,7 @@ tests/test_bench_builders.py runs these builders at small sizes on CPU.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from harness import BenchFn

@@ -52,7 +52,8 @@ def report(folder: Path) -> str:
     if models:
         providers = ("fused", "fused_compile", "eager", "compile", "original", "original_compile")
         lines += ["", "## Whole models (bf16 autocast; TFLOP/s from FLOPs counted on meta; MFU vs 989 TFLOP/s)", "",
-                  "Providers: ours fused (Triton kernels), fused+compile, ours eager, torch.compile of eager, and for the",
+                  "Providers: ours fused (Triton kernels), fused+compile, ours eager, torch.compile of eager, and for "
+                  "the",
                   "loss pass the original SiT (a transcription with its per-sample REPA loop), eager and compiled.", "",
                   "| case | mode | " + " | ".join(f"{p} ms" for p in providers) + " | fused TFLOP/s | fused MFU | "
                   "vs eager | vs compile | vs original compiled |",
@@ -68,11 +69,12 @@ def report(folder: Path) -> str:
     steps = [r for k, r in sorted(latest.items()) if k[0] == "train_step"]
     if steps:
         lines += ["", "## The REPA-E train step (one GPU, 10 burn-in + 20 timed steps)", "",
-                  "| case | kernels | engines | ms/step | img/s | peak GiB | split (ms) |", "|---|---|---|---|---|---|---|"]
+                  "| case | kernels | engines | ms/step | img/s | peak GiB | split (ms) |",
+                  "|---|---|---|---|---|---|---|"]
         for r in steps:
             split = ", ".join(f"{k} {v:.1f}" for k, v in r["split_ms"].items())
-            lines.append(f"| {r['case']} | {r['provider']} | {r['engines']} | {r['ms'][0]:.1f} | {r['img_per_s']:.1f} | "
-                         f"{r['peak_mem_gib']:.1f} | {split} |")
+            lines.append(f"| {r['case']} | {r['provider']} | {r['engines']} | {r['ms'][0]:.1f} | "
+                         f"{r['img_per_s']:.1f} | {r['peak_mem_gib']:.1f} | {split} |")
     return "\n".join(lines) + "\n"
 
 

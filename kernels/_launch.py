@@ -25,7 +25,7 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sm_count(device_index: int) -> int:
     """Number of SMs of a CUDA device (cached); 8 stands in for the CPU interpreter."""
     if device_index < 0:

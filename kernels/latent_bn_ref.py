@@ -23,7 +23,7 @@ the variance is an exact two-pass one however far the running mean is from the b
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from repae.kernels import repa_loss
 from torch import nn
+
+from repae.kernels import repa_loss
 
 
 def _fp32_region(t: torch.Tensor):

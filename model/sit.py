@@ -88,9 +88,11 @@ class SiTConfig:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"SiTConfig.{name} must be a positive int, got {getattr(self, name)!r}")
         if self.input_size % self.patch_size:
-            raise ValueError(f"SiTConfig: input_size={self.input_size} is not divisible by patch_size={self.patch_size}")
+            raise ValueError(f"SiTConfig: input_size={self.input_size} is not divisible by "
+                             f"patch_size={self.patch_size}")
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"SiTConfig: hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
+            raise ValueError(f"SiTConfig: hidden_size={self.hidden_size} is not divisible by "
+                             f"num_heads={self.num_heads}")
         if self.hidden_size % 4:
             raise ValueError(f"SiTConfig: hidden_size={self.hidden_size} must be divisible by 4 (2D sin-cos embedding)")
         if not 1 <= self.encoder_depth <= self.depth:
@@ -453,8 +455,8 @@ class SiT(nn.Module):
         x0 = BN(z) (batch statistics, updating the running ones, when use_batch_stats, default
         self.training; else the running statistics), x_t = alpha_t x0 + sigma_t eps, v* = alpha'_t x0 +
         sigma'_t eps; labels in drop_mask_B go to the null class (None: in train mode a fresh
-        mask with probability class_dropout_prob, as the original; in eval mode none). align_only stops after the projector
-        block (the REPA-E align pass needs nothing past it).
+        mask with probability class_dropout_prob, as the original; in eval mode none). align_only stops after the
+        projector block (the REPA-E align pass needs nothing past it).
         """
         self._check_latents("z", z_BCHW)
         B = z_BCHW.shape[0]

@@ -48,6 +48,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from repae.train.step import PlainEngine
 
 ROOT = Path(__file__).resolve().parents[1]

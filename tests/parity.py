@@ -13,7 +13,7 @@ by one ulp of the oracle before the rule is applied. On a GPU the rule applies u
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

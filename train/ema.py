@@ -13,8 +13,9 @@ from __future__ import annotations
 import copy
 
 import torch
-from repae.model.weights import load_state_dict_checked
 from torch import nn
+
+from repae.model.weights import load_state_dict_checked
 
 
 def _is_float(t: torch.Tensor) -> bool:
@@ -93,7 +94,7 @@ class EMA:
                 # float tensors may differ in precision (a bf16 engine's params average into fp32, as add_ does);
                 # integer buffers are copied and must match exactly.
                 raise ValueError(f"EMA: {name!r} is {t.dtype} in the source model, {e.dtype} in the EMA")
-        for name, b in buffers:
+        for _, b in buffers:
             (avg_src if _is_float(b) else copy_src).append(b)
         return avg_src, copy_src
 

@@ -32,14 +32,14 @@ from repae.model.encoders import DINOv2Encoder, parse_enc_type
 from repae.model.losses import LeCamEMA
 from repae.model.lpips import LPIPS
 from repae.model.sit import SiT, sit_config
-from repae.model.vae import VAEConfig, build_vae, vae_config, latents_stats_path, load_latents_stats, load_vae_weights
+from repae.model.vae import VAEConfig, build_vae, latents_stats_path, load_latents_stats, load_vae_weights, vae_config
 
 from . import checkpoint as ckpt
 from .config import TrainConfig, check_paths
 from .ema import EMA
 from .preemption import StopRequest, describe
-from .sync_bn import sync_batchnorm_
 from .step import PlainEngine, StepInputs, StepModels, StepSettings, train_step
+from .sync_bn import sync_batchnorm_
 
 ENGINES = ("sit", "vae", "disc")
 
@@ -157,7 +157,8 @@ def build_lpips(cfg: TrainConfig) -> LPIPS:
 def ds_config(cfg: TrainConfig, world_size: int, grad_clip: float) -> dict:
     """The shared DeepSpeed section plus what the trainer owns: batch sizes, clipping."""
     G = cfg.schedule.global_batch_size
-    return {**json.loads(json.dumps(cfg.deepspeed)), "train_batch_size": G, "train_micro_batch_size_per_gpu": G // world_size,
+    return {**json.loads(json.dumps(cfg.deepspeed)), "train_batch_size": G,
+            "train_micro_batch_size_per_gpu": G // world_size,
             "gradient_accumulation_steps": 1, "gradient_clipping": grad_clip, "zero_allow_untested_optimizer": True,
             "steps_per_print": cfg.deepspeed.get("steps_per_print", 10**9)}
 
@@ -513,7 +514,8 @@ class Trainer:
                 # purge_step: tensorboard drops the events of the steps after the checkpoint when resuming
                 writer = SummaryWriter(os.path.join(self.run_dir, "tb"), purge_step=self.step + 1 if resumed else None)
             except ImportError:
-                warnings.warn("tensorboard is not installed: no tensorboard logs (pip install tensorboard)", stacklevel=1)
+                warnings.warn("tensorboard is not installed: no tensorboard logs (pip install tensorboard)",
+                              stacklevel=1)
         bar = None
         if self.rank == 0:
             from tqdm import tqdm

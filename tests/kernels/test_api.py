@@ -87,7 +87,9 @@ def test_non_contiguous_inputs_and_grads_give_the_contiguous_results(op):
         leaves = {"x": transposed(B, T, D), "y": transposed(B, T, D), "mod": torch.randn(B, 6 * D, generator=g)}
 
         def call(v, dense):
-            c = lambda t: t.contiguous() if dense else t
+            def c(t):
+                return t.contiguous() if dense else t
+
             x, y, mod = c(v["x"].transpose(1, 2)), c(v["y"].transpose(1, 2)), v["mod"]
             shift, scale, gate = (c(mod[:, k * D:(k + 1) * D]) for k in range(3))
             if op == "adaln_first":
@@ -97,14 +99,18 @@ def test_non_contiguous_inputs_and_grads_give_the_contiguous_results(op):
         leaves = {"a": transposed(B, T, D), "b": transposed(B, T, D)}
 
         def call(v, dense):
-            c = lambda t: t.contiguous() if dense else t
+            def c(t):
+                return t.contiguous() if dense else t
+
             return K.repa_loss(c(v["a"].transpose(1, 2)), c(v["b"].transpose(1, 2)), backend="triton")
     else:
         leaves = {"z": transposed(B, C, 4, 3), "noise": transposed(B, C, 4, 3)}
         t = torch.rand(B, generator=g).to(DEVICE)
 
         def call(v, dense):
-            c = lambda t: t.contiguous() if dense else t
+            def c(t):
+                return t.contiguous() if dense else t
+
             z, noise = c(v["z"].transpose(2, 3) * 2 + 1), c(v["noise"].transpose(2, 3))
             rm, rv = torch.zeros(C, device=DEVICE), torch.ones(C, device=DEVICE)
             if op == "latent_bn_interp":

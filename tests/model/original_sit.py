@@ -14,10 +14,10 @@ import math
 
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer import Attention, Mlp, PatchEmbed  # noqa: E402
 from torch import nn
 
 import repae.model  # noqa: F401  (torchvision guard before timm)
-from timm.models.vision_transformer import Attention, Mlp, PatchEmbed  # noqa: E402
 
 
 def modulate(x, shift, scale):

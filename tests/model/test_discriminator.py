@@ -12,11 +12,12 @@ of the estimate (stated per check). Runtime ~2 s on 2 CPU cores (one 256x256 for
 from __future__ import annotations
 
 import pytest
-import repae.model  # noqa: F401
 import torch
+from torch import nn
+
+import repae.model  # noqa: F401
 from repae.model.discriminator import NLayerDiscriminator, build_discriminator, weights_init
 from repae.model.weights import save_weights
-from torch import nn
 
 NUM_PARAMS = 2_765_633
 KEYS = {  # state-dict keys and shapes of the original (spec 4.5), in order

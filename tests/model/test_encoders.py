@@ -16,11 +16,13 @@ from __future__ import annotations
 import re
 
 import pytest
-import repae.model  # noqa: F401  (torchvision guard, before timm)
 import timm
 import timm.models.vision_transformer as timm_vit
 import torch
 import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
+
+import repae.model  # noqa: F401  (torchvision guard, before timm)
 from repae.model.encoders import (
     DINOv2Encoder,
     dinov2_grid_size,
@@ -31,7 +33,6 @@ from repae.model.encoders import (
     preprocess_for_dinov2,
 )
 from repae.model.weights import save_weights
-from timm.layers import resample_abs_pos_embed
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)

@@ -17,9 +17,12 @@ from __future__ import annotations
 import copy
 
 import pytest
-import repae.model  # noqa: F401  (torchvision guard)
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+import repae.model  # noqa: F401  (torchvision guard)
 from repae.model.discriminator import NLayerDiscriminator
 from repae.model.losses import (
     LeCamEMA,
@@ -31,8 +34,6 @@ from repae.model.losses import (
 )
 from repae.model.lpips import CHANNELS, LPIPS
 from repae.model.vae import DiagonalGaussianDistribution
-from torch import nn
-from torch.func import functional_call
 
 EXACT = {"rtol": 0, "atol": 0}
 LOG_KEYS = {"total_loss", "reconstruction_loss", "perceptual_loss", "kl_loss", "weighted_gan_loss", "gan_loss",
@@ -340,8 +341,8 @@ class OriginalLeCam(nn.Module):
     def __init__(self, weight, decay):
         super().__init__()
         self.lecam_regularization_weight, self.lecam_ema_decay = weight, decay
-        self.register_buffer("ema_real_logits_mean", torch.zeros((1)))
-        self.register_buffer("ema_fake_logits_mean", torch.zeros((1)))
+        self.register_buffer("ema_real_logits_mean", torch.zeros(1))
+        self.register_buffer("ema_fake_logits_mean", torch.zeros(1))
 
     def forward(self, logits_real, logits_fake, discriminator_factor):
         discriminator_loss = discriminator_factor * original_hinge_d_loss(logits_real, logits_fake)

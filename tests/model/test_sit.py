@@ -17,14 +17,15 @@ import logging
 
 import pytest
 import torch
+from original_sit import OriginalSiT, mean_flat
+from parity import assert_close_3way
 
 import repae.model  # noqa: F401
-from parity import assert_close_3way
 from repae.kernels import repa_loss
 from repae.model.sit import (
     SiT,
-    SiTBlock,
     SiT_models,
+    SiTBlock,
     add_pending,
     build_sit,
     count_parameters,
@@ -32,8 +33,6 @@ from repae.model.sit import (
     sit_config_from_args,
 )
 from repae.model.weights import load_weights, save_weights
-
-from original_sit import OriginalSiT, mean_flat
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=144, depth=3, num_heads=2, encoder_depth=2,
             z_dims=(32,), projector_dim=64, num_classes=10)

@@ -13,6 +13,7 @@ import re
 
 import pytest
 import torch
+
 from repae.model.sit import count_parameters
 from repae.model.vae import (
     VAE_CONFIGS,
@@ -126,7 +127,8 @@ LDM_PATTERNS = {
     "level_resnet": r"(encoder\.down|decoder\.up)\.\d+\.block\.\d+\.(norm1|conv1|norm2|conv2|nin_shortcut)",
     "level_attn": r"(encoder\.down|decoder\.up)\.\d+\.attn\.\d+\.(norm|q|k|v|proj_out)",
     "resample": r"(encoder\.down\.\d+\.downsample|decoder\.up\.\d+\.upsample)\.conv",
-    "mid": r"(encoder|decoder)\.mid\.(block_[12]\.(norm1|conv1|norm2|conv2|nin_shortcut)|attn_1\.(norm|q|k|v|proj_out))",
+    "mid": r"(encoder|decoder)\.mid\.(block_[12]\.(norm1|conv1|norm2|conv2|nin_shortcut)"
+           r"|attn_1\.(norm|q|k|v|proj_out))",
     "in_out": r"(encoder|decoder)\.(conv_in|norm_out|conv_out)",
     "quant": r"(quant_conv|post_quant_conv)",
 }
@@ -146,7 +148,8 @@ SHAPES = {
              "decoder.up.3.upsample.conv.weight": (512, 512, 3, 3), "decoder.mid.attn_1.q.weight": (512, 512, 1, 1)},
     "f16d32": {"encoder.conv_out.weight": (64, 512, 3, 3), "quant_conv.weight": (64, 64, 1, 1),
                "post_quant_conv.weight": (32, 32, 1, 1), "decoder.conv_in.weight": (512, 32, 3, 3),
-               "encoder.down.4.attn.1.proj_out.weight": (512, 512, 1, 1), "decoder.up.4.attn.2.q.weight": (512, 512, 1, 1),
+               "encoder.down.4.attn.1.proj_out.weight": (512, 512, 1, 1),
+               "decoder.up.4.attn.2.q.weight": (512, 512, 1, 1),
                "decoder.up.1.block.0.nin_shortcut.weight": (128, 256, 1, 1),
                "decoder.up.3.block.0.nin_shortcut.weight": (256, 512, 1, 1)},
 }
@@ -214,7 +217,8 @@ def test_checkpoint_entry_missing_key_and_wrong_shape_are_named(tmp_path):
         load_vae_weights(vae, tmp_path / "missing.pt")
     wrong = {**sd, "encoder.mid.attn_1.q.weight": sd["encoder.mid.attn_1.q.weight"][:, :, 0, 0]}  # Linear shape
     save_weights(wrong, tmp_path / "wrong.safetensors")
-    with pytest.raises(ValueError, match=r"encoder\.mid\.attn_1\.q\.weight: model \(512, 512, 1, 1\), file \(512, 512\)"):
+    want = r"encoder\.mid\.attn_1\.q\.weight: model \(512, 512, 1, 1\), file \(512, 512\)"
+    with pytest.raises(ValueError, match=want):
         load_vae_weights(vae, tmp_path / "wrong.safetensors")
 
 
@@ -392,8 +396,9 @@ def test_unmappable_diffusers_keys_are_named():
 def test_diffusers_file_gives_identical_outputs(tmp_path, name):
     """A diffusers-layout .safetensors loads strictly and computes bit-identically."""
     ours = seeded_vae(name)
-    save_weights(ldm_to_diffusers(ours.state_dict(), len(SPEC[name][0])), tmp_path / "diffusion_pytorch_model.safetensors")
-    loaded = load_vae_weights(build_vae(name), tmp_path / "diffusion_pytorch_model.safetensors").eval()
+    path = tmp_path / "diffusion_pytorch_model.safetensors"
+    save_weights(ldm_to_diffusers(ours.state_dict(), len(SPEC[name][0])), path)
+    loaded = load_vae_weights(build_vae(name), path).eval()
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         z = ours.encode(x).mode()

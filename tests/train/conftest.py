@@ -19,9 +19,9 @@ def ds_world():
     pytest.importorskip("deepspeed")  # the GPU machine has none unless its wheel is carried
     if importlib.util.find_spec("lpips") is None:  # found, not imported: lpips imports scipy, which we never use
         pytest.skip("lpips is not installed: the trainer's LPIPS heads are its shipped weights file")
-    from repae.train.main import init_distributed
-
     import torch.distributed as dist
+
+    from repae.train.main import init_distributed
 
     if not dist.is_initialized():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -24,8 +24,14 @@ import torch
 from PIL import Image
 
 import repae.train.data as data_mod
-from repae.train.data import (DEMO_MARKER, ImageFolderSource, load_image, remove_stale_demo_temps, to_rgb,
-                              write_demo_dataset)
+from repae.train.data import (
+    DEMO_MARKER,
+    ImageFolderSource,
+    load_image,
+    remove_stale_demo_temps,
+    to_rgb,
+    write_demo_dataset,
+)
 
 RES = 8
 N, G = 20, 5  # 20 files in two classes, 4 global batches of 5 per epoch

@@ -13,8 +13,9 @@ from collections import OrderedDict
 
 import pytest
 import torch
-from repae.train.ema import EMA
 from torch import nn
+
+from repae.train.ema import EMA
 
 DECAYS = (0.9999, 0.99, 0.5)
 

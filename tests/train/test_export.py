@@ -4,11 +4,11 @@ loader, weights_only) with the same weights, and the E2E-VAE files carry the EMA
 from __future__ import annotations
 
 import torch
-
 from conftest import tiny_config
+from test_step import make_inputs
+
 from repae.model.release import load_released_checkpoint
 from repae.model.vae import load_latents_stats
-from test_step import make_inputs
 
 
 def test_export_round_trip(tmp_path, ds_world):

@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import CONFIGS
+
 from repae.train.main import EXIT_INTERRUPTED
 
 pytest.importorskip("deepspeed")

@@ -26,7 +26,8 @@ from repae.train.step import StepInputs
 
 def _state(trainer) -> dict[str, torch.Tensor]:
     """Every weight and buffer the step can touch (the three models and the EMA)."""
-    state = {f"{k}.{n}": v.detach().clone() for k, e in trainer.engines.items() for n, v in e.module.state_dict().items()}
+    state = {f"{k}.{n}": v.detach().clone()
+             for k, e in trainer.engines.items() for n, v in e.module.state_dict().items()}
     state.update({f"ema.{n}": v.detach().clone() for n, v in trainer.ema.state_dict().items()})
     return state
 

@@ -24,8 +24,9 @@ pytest.importorskip("deepspeed")
 if importlib.util.find_spec("lpips") is None:  # its shipped weights file only (importing it needs scipy)
     pytest.skip("lpips is not installed", allow_module_level=True)
 import psutil
-from repae.train.main import EXIT_INTERRUPTED, _free_port
 from test_main import MAIN, TINY, clean_env
+
+from repae.train.main import EXIT_INTERRUPTED, _free_port
 
 DEEPSPEED = Path(sys.executable).with_name("deepspeed")
 RUN = [*TINY, "--set", "logging.log_every=1", "--set", "logging.ckpt_every=1000"]

@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
-from original_sit import OriginalSiT  # noqa: E402
-
 from conftest import tiny_config  # noqa: E402
-from repae.train.step import StepInputs  # noqa: E402
+from original_sit import OriginalSiT  # noqa: E402
 from step_inputs import synthetic_inputs  # noqa: E402  (bench/, on the test path)
+
+from repae.train.step import StepInputs  # noqa: E402
 
 LR = 1e-4
 
@@ -148,7 +148,7 @@ def test_two_steps_match_the_reference(tmp_path, ds_world, freeze):
         ours["sit/grad_norm"] = torch.as_tensor(trainer.models.sit.get_global_grad_norm(), dtype=torch.float32)
         for k, v in want.items():
             torch.testing.assert_close(ours[k], v.float(), rtol=1e-5, atol=1e-6,
-                                       msg=lambda m, k=k: f"step {step} {k}: {m}")
+                                       msg=lambda m, k=k, step=step: f"step {step} {k}: {m}")
         assert_params_close("sit", trainer.models.sit.module.state_dict().items(), ref["sit"].state_dict().items())
         assert_params_close("vae", trainer.models.vae.module.state_dict().items(), ref["vae"].state_dict().items())
         assert_params_close("disc", trainer.models.disc.module.state_dict().items(), ref["disc"].state_dict().items())
