@@ -25,6 +25,7 @@ from ._checks import check_adaln_inputs, check_latent_bn_inputs, check_repa_inpu
 from ._launch import check_runnable, interpreter_on
 from .adaln_ref import adaln_ref, make_adaln_inputs
 from .latent_bn_ref import (
+    PATH_TYPES,
     StatsHook,
     allreduce_stats_hook,
     latent_bn_denorm_ref,
@@ -214,6 +215,7 @@ from .modules import AdaLN, LatentBatchNorm, REPALoss  # noqa: E402  (modules ca
 
 __all__ = [
     "BACKENDS",
+    "PATH_TYPES",
     "AdaLN",
     "LatentBatchNorm",
     "REPALoss",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ._launch import check_float, check_rank, check_same_device, check_shape
-from .latent_bn_ref import PATHS
+from .latent_bn_ref import PATH_TYPES
 
 ADALN_MAX_D = 16384
 REPA_MAX_C = 16384
@@ -78,8 +78,8 @@ def check_latent_bn_inputs(z, running_mean, running_var, num_batches_tracked, t=
             raise ValueError(f"t must hold one time per sample (B={B} elements), got shape {list(t.shape)}")
         check_float("noise", noise)
         check_shape("noise", noise, tuple(z.shape))
-        if path not in PATHS:
-            raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+        if path not in PATH_TYPES:
+            raise ValueError(f"path must be one of {PATH_TYPES}, got {path!r}")
     check_same_device(z=z, running_mean=running_mean, running_var=running_var, t=t, noise=noise)
 
 

@@ -28,7 +28,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-PATHS = ("linear", "cosine")
+PATH_TYPES = ("linear", "cosine")
+"""The interpolation paths x_t = alpha_t x0 + sigma_t eps (REPA-E's path_type); the one list every layer uses."""
 StatsHook = Callable[[torch.Tensor], None]
 
 
@@ -44,7 +45,7 @@ def path_coefficients(t: torch.Tensor, path: str) -> tuple:
             -half_pi * torch.sin(t * half_pi),
             half_pi * torch.cos(t * half_pi),
         )
-    raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    raise ValueError(f"path must be one of {PATH_TYPES}, got {path!r}")
 
 
 def _channel_view(v: torch.Tensor) -> torch.Tensor:

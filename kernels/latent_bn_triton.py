@@ -45,7 +45,7 @@ import triton.language as tl
 
 from ._checks import check_latent_bn_inputs
 from ._launch import acc_dtype, check_runnable, contiguous, device_sm_count, tl_dtype
-from .latent_bn_ref import PATHS, StatsHook
+from .latent_bn_ref import PATH_TYPES, StatsHook
 
 STATS_EVAL, STATS_FUSED, STATS_LOCAL, STATS_GLOBAL, STATS_RECENTER = 0, 1, 2, 3, 4
 BLOCK = 1024  # elements per loop iteration of a program that owns a chunk of a channel (4 warps)
@@ -320,7 +320,7 @@ def latent_bn_fwd(z, t, noise, running_mean, running_var, num_batches_tracked, *
         nbt.add_(1)  # read by the kernel as 1/num_batches_tracked
     stats = None
     t_arg = t.reshape(-1).contiguous() if interp else z
-    common = dict(CUMULATIVE=cumulative, WRITE_X0=write_x0, INTERP=interp, PATH=PATHS.index(path),
+    common = dict(CUMULATIVE=cumulative, WRITE_X0=write_x0, INTERP=interp, PATH=PATH_TYPES.index(path),
                   ACC=tl_dtype(mean.dtype))
     per_channel, chunked = _channel_launch(n), {"BLOCK": BLOCK, "num_warps": 4}
     outs = (x0 if write_x0 else z, xt if interp else z, vt if interp else z)
@@ -360,7 +360,7 @@ def latent_bn_bwd(dx0, dxt, dvt, z, t, mean, rstd, *, training, path, need_dnois
     dnoise = torch.empty_like(z) if need_dnoise else None
     args = (dx0 if dx0 is not None else z, dxt if interp else z, dvt if interp else z, z,
             t.reshape(-1).contiguous() if interp else z, mean, rstd)
-    common = dict(HAS_DX0=dx0 is not None, INTERP=interp, NEED_DNOISE=need_dnoise, PATH=PATHS.index(path),
+    common = dict(HAS_DX0=dx0 is not None, INTERP=interp, NEED_DNOISE=need_dnoise, PATH=PATH_TYPES.index(path),
                   ACC=tl_dtype(mean.dtype))
     per_channel, chunked = _channel_launch(n), {"BLOCK": BLOCK, "num_warps": 4}
     outs = (dz, dnoise if need_dnoise else dz)

@@ -19,25 +19,13 @@ latent-BN denormalisation (the caller's), nor any randomness besides the SDE's p
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Callable
 
 import torch
 
-PATH_TYPES = ("linear", "cosine")
+from repae.kernels import PATH_TYPES, path_coefficients
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def _path_coeffs(t_B1: torch.Tensor, path_type: str) -> tuple[torch.Tensor, ...]:
-    """(alpha_t, alpha'_t, sigma_t, sigma'_t) of x_t = alpha_t x0 + sigma_t eps, broadcastable like t_B1."""
-    if path_type == "linear":
-        return 1 - t_B1, -torch.ones_like(t_B1), t_B1, torch.ones_like(t_B1)
-    if path_type == "cosine":
-        half_pi = math.pi / 2
-        return (torch.cos(t_B1 * half_pi), -half_pi * torch.sin(t_B1 * half_pi),
-                torch.sin(t_B1 * half_pi), half_pi * torch.cos(t_B1 * half_pi))
-    raise ValueError(f"path_type must be one of {PATH_TYPES}, got {path_type!r}")
 
 
 def score_from_velocity(v_BCHW: torch.Tensor, x_BCHW: torch.Tensor, t_B: torch.Tensor,
@@ -48,7 +36,7 @@ def score_from_velocity(v_BCHW: torch.Tensor, x_BCHW: torch.Tensor, t_B: torch.T
     rounding.
     """
     t_B1 = t_B.reshape(-1, *([1] * (x_BCHW.dim() - 1)))
-    alpha, d_alpha, sigma, d_sigma = _path_coeffs(t_B1, path_type)
+    alpha, sigma, d_alpha, d_sigma = path_coefficients(t_B1, path_type)
     reverse_alpha_ratio = alpha / d_alpha
     var = sigma**2 - reverse_alpha_ratio * d_sigma * sigma
     return (reverse_alpha_ratio * v_BCHW - x_BCHW) / var
@@ -129,7 +117,8 @@ def euler_maruyama_sampler(model_fn: ModelFn, latents: torch.Tensor, y: torch.Te
     original's randn_like). NFE = num_steps (x2 inside the guidance interval).
     """
     _check(latents, y, num_steps, cfg_scale, null_class)
-    _path_coeffs(torch.zeros(1), path_type)  # ValueError on an unknown path before any model call
+    if path_type not in PATH_TYPES:  # before any model call
+        raise ValueError(f"path_type must be one of {PATH_TYPES}, got {path_type!r}")
     dtype = latents.dtype
     t_steps = torch.linspace(1.0, 0.04, num_steps, dtype=torch.float64)
     t_steps = torch.cat([t_steps, torch.tensor([0.0], dtype=torch.float64)])

@@ -30,13 +30,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from repae.kernels import LatentBatchNorm, adaln
+from repae.kernels import BACKENDS, PATH_TYPES, LatentBatchNorm, adaln
 
 from .attention import ATTN_BACKENDS, Attention
-
-PATH_TYPES = ("linear", "cosine")
-KERNEL_BACKENDS = (None, "auto", "triton", "eager")
-
 
 # ---------------------------------------------------------------------------------------------------
 # Config and registry
@@ -103,8 +99,9 @@ class SiTConfig:
             raise ValueError(f"SiTConfig.z_dims must be a non-empty list of positive ints, got {self.z_dims!r}")
         if self.path_type not in PATH_TYPES:
             raise ValueError(f"SiTConfig.path_type must be one of {PATH_TYPES}, got {self.path_type!r}")
-        if self.kernel_backend not in KERNEL_BACKENDS:
-            raise ValueError(f"SiTConfig.kernel_backend must be one of {KERNEL_BACKENDS}, got {self.kernel_backend!r}")
+        if self.kernel_backend is not None and self.kernel_backend not in BACKENDS:
+            raise ValueError(f"SiTConfig.kernel_backend must be None or one of {BACKENDS}, got "
+                             f"{self.kernel_backend!r}")
         if self.attn_backend not in ATTN_BACKENDS:
             raise ValueError(f"SiTConfig.attn_backend must be one of {ATTN_BACKENDS}, got {self.attn_backend!r}")
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build .wheels/ on the CPU machine (it reaches PyPI; the lent GPU machine reaches nothing): deepspeed,
-# lpips and the deepspeed dependencies the GPU machine's Python 3.12 lacks, as wheels for cp312
-# manylinux x86_64 (~5 MB). Never torch or anything CUDA: deepspeed and lpips come without their
+# lpips, matplotlib and the dependencies the GPU machine's Python 3.12 lacks, as wheels for cp312
+# manylinux x86_64 (~20 MB). Never torch or anything CUDA: deepspeed and lpips come without their
 # dependencies, the rest are resolved on their own (none of them needs torch).
 #   bash scripts/gpu_wheels.sh        then   run(carry=[".wheels"], command="bash scripts/gpu_report.sh ...")
 # scripts/install.sh installs every wheel in .wheels/ when it finds that folder on a GPU machine.
@@ -15,6 +15,9 @@ platform=(--python-version "$PYV" --implementation cp --only-binary=:all: --plat
 .venv/bin/pip download -q --dest .wheels "${platform[@]}" \
   hjson msgpack ninja psutil py-cpuinfo "pydantic>=2" nvidia-ml-py einops tqdm packaging
 .venv/bin/pip download -q --no-deps --dest .wheels "${platform[@]}" "lpips==0.1.4"
+# matplotlib (the loss plot) without its numpy/pillow requirement: the GPU image's own numpy and pillow stay.
+.venv/bin/pip download -q --no-deps --dest .wheels "${platform[@]}" \
+  matplotlib contourpy cycler fonttools kiwisolver pyparsing python-dateutil six
 ds_version=$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('deepspeed'))")
 .venv/bin/pip wheel -q --no-deps --wheel-dir .wheels "deepspeed==$ds_version"
 if ls .wheels | grep -Eiq '^(torch|torchvision|triton)-|^nvidia_(cu|nccl|nvjitlink|nvtx)'; then

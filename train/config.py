@@ -26,14 +26,13 @@ from dataclasses import dataclass, field
 
 from repae.model.attention import ATTN_BACKENDS
 from repae.model.losses import VAELossConfig
-from repae.model.sit import SiT_models, SiTConfig, sit_config
+from repae.model.sit import BACKENDS as KERNEL_BACKENDS  # repae.kernels.BACKENDS (train/ reaches kernels via model/)
+from repae.model.sit import PATH_TYPES, SiT_models, SiTConfig, sit_config
 from repae.model.vae import VAE_CONFIGS, VAEConfig, vae_config
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 WEIGHTINGS = ("uniform", "lognormal")
-PATH_TYPES = ("linear", "cosine")
 DATA_SOURCES = ("folder", "demo")
-KERNEL_BACKENDS = ("auto", "triton", "eager")
 ENCODER_PATCH_GRID = 16
 """Image pixels per DINOv2 token side (224 px in, 14-px patches, per 256 px): the SiT grid must match it."""
 

@@ -1,37 +1,39 @@
-"""Pictures of a run, drawn with PIL only: a PNG grid of samples and a PNG of the loss curves.
+"""Pictures of a run: a PNG grid of samples (PIL) and a PNG of the loss curves (matplotlib, Agg).
 
     save_image_grid(images_B3HW, "run/samples/step0010000.png")          # floats in [-1, 1] or uint8
     save_loss_plot({"sit/loss": [(1, 0.9), (2, 0.8)]}, "run/losses.png")
 
 Both write `path` atomically (a temp file in the same folder, then os.replace), so a crash or a reader never
-sees half a PNG. Holds: pixel conversion (spec sec. 6.3), grid layout, the line plot. Must not hold model,
-sampling or training code, nor depend on matplotlib/torchvision.
+sees half a PNG. Holds: pixel conversion (spec sec. 6.3), grid layout, the loss figure. Must not hold model,
+sampling or training code. The grid is drawn here rather than with torchvision's make_grid: the same layout in
+a few lines, tested pixel for pixel, and no torchvision import in the trainer.
 """
 
 # B batch, H W image height and width
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
-
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+from PIL import Image
 
 
-def _save_png(image: Image.Image, path: str) -> None:
-    """PNG to `path` via a per-process temp file in the same folder and os.replace (atomic on POSIX)."""
+def _write_atomic(path: str, write) -> None:
+    """write(file object) into a per-process temp file in path's folder, then os.replace (atomic on POSIX)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        image.save(tmp, format="PNG")
+        with open(tmp, "wb") as f:
+            write(f)
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):  # only when save or replace failed
+        if os.path.exists(tmp):  # only when writing or replacing failed
             os.remove(tmp)
 
 
@@ -77,80 +79,115 @@ def save_image_grid(images_B3HW: torch.Tensor, path: str, nrow: int | None = Non
         r, c = divmod(i, nrow)
         top, left = pad + r * (H + pad), pad + c * (W + pad)
         grid[top:top + H, left:left + W] = x_BHW3[i]
-    _save_png(Image.fromarray(grid), path)
+    _write_atomic(path, lambda f: Image.fromarray(grid).save(f, format="PNG"))
     return path
 
 
 # ---------------------------------------------------------------------------------------------------
-# Loss curves
+# Loss curves (matplotlib, Agg backend)
 # ---------------------------------------------------------------------------------------------------
 
-
-def _fmt(v: float) -> str:
-    return f"{v:.4g}"
-
-
-def _draw_panel(draw: ImageDraw.ImageDraw, font, key: str, series: list[tuple[int, float]], box: tuple[int, ...],
-                colour: tuple[int, int, int]) -> None:
-    """One series in `box` = (x0, y0, x1, y1): title, frame, y min/max, x step ticks, the polyline."""
-    x0, y0, x1, y1 = box
-    pts = [(int(s), float(v)) for s, v in series if math.isfinite(float(v))]
-    skipped = len(series) - len(pts)
-    title = key + (f"   ({skipped} non-finite point{'s' * (skipped != 1)} skipped)" if skipped else "")
-    draw.text((x0, y0 + 2), title, fill="black", font=font)
-    left, top, right, bottom = x0 + 64, y0 + 18, x1 - 12, y1 - 28  # plot area inside the panel
-    draw.rectangle((left, top, right, bottom), outline=(170, 170, 170))
-    if not pts:
-        draw.text((left + 8, top + 8), "no finite values", fill=(120, 120, 120), font=font)
-        return
-    s_lo, s_hi = min(s for s, _ in pts), max(s for s, _ in pts)
-    v_lo, v_hi = min(v for _, v in pts), max(v for _, v in pts)
-    if s_hi == s_lo:
-        s_hi = s_lo + 1
-    if v_hi == v_lo:  # flat series: centre it in a band of +-5% (or +-1 around 0)
-        half = 0.05 * abs(v_lo) or 1.0
-        v_lo, v_hi = v_lo - half, v_hi + half
-
-    def xy(s: float, v: float) -> tuple[float, float]:
-        px = left + (s - s_lo) / (s_hi - s_lo) * (right - left)
-        return px, bottom - (v - v_lo) / (v_hi - v_lo) * (bottom - top)
-
-    # y axis: max at the top, min at the bottom; x axis: 5 step ticks and the axis name.
-    draw.text((x0 + 2, top), _fmt(v_hi), fill="black", font=font)
-    draw.text((x0 + 2, bottom - 10), _fmt(v_lo), fill="black", font=font)
-    for k in range(5):
-        s = s_lo + (s_hi - s_lo) * k / 4
-        px = xy(s, v_lo)[0]
-        draw.line((px, bottom, px, bottom + 3), fill=(120, 120, 120))
-        label = str(round(s))
-        draw.text((min(max(px - 3 * len(label), x0), x1 - 6 * len(label)), bottom + 5), label, fill="black",
-                  font=font)
-    draw.text(((left + right) // 2 - 12, bottom + 15), "step", fill=(90, 90, 90), font=font)
-    line = [xy(s, v) for s, v in sorted(pts)]
-    if len(line) == 1:
-        (px, py), r = line[0], 2
-        draw.ellipse((px - r, py - r, px + r, py + r), fill=colour)
-    else:
-        draw.line(line, fill=colour, width=2)
+LOG_SPAN = 100.0
+"""A family whose finite values span more than this ratio (max |v| / min nonzero |v|) is drawn on a log y axis:
+its positive terms on one (e.g. reconstruction, perceptual, KL), its signed ones (the total VAE loss with its
+negative alignment term, the GAN term) on a linear axis of their own, so no term is flattened to a line."""
+FAMILY_ORDER = ("sit", "vae", "disc")
+"""Panels in the order of the step's phases; other families follow, sorted."""
 
 
-def save_loss_plot(history: dict[str, list[tuple[int, float]]], path: str, width: int = 900,
-                   panel_height: int = 160) -> str:
-    """One panel per key (sorted), stacked: value against step; returns path.
+@dataclass(frozen=True)
+class Panel:
+    """One panel of the loss figure: series of one family (the part of the key before '/') and their y scale."""
 
-    The PNG is width x (max(1, len(history)) * panel_height). NaN/inf points are skipped (the title counts
-    them); an empty or all-non-finite series gets an empty panel; an empty history one "no data" panel.
+    title: str
+    keys: tuple[str, ...]
+    yscale: str  # "linear" or "log"
+
+
+def _finite(series) -> tuple[np.ndarray, np.ndarray]:
+    steps = np.array([s for s, _ in series], dtype=np.float64)
+    values = np.array([v for _, v in series], dtype=np.float64)
+    keep = np.isfinite(values)
+    return steps[keep], values[keep]
+
+
+def plan_panels(history: dict[str, list[tuple[int, float]]]) -> list[Panel]:
+    """Group the series by family and choose the y scale from their finite values (see LOG_SPAN)."""
+    families: dict[str, list[str]] = {}
+    for key in sorted(history):
+        families.setdefault(key.split("/")[0], []).append(key)
+    order = [f for f in FAMILY_ORDER if f in families] + sorted(set(families) - set(FAMILY_ORDER))
+    panels = []
+    for family in order:
+        keys = families[family]
+        values = {k: _finite(history[k])[1] for k in keys}
+        nonzero = np.abs(np.concatenate([v[v != 0] for v in values.values()]))
+        if nonzero.size == 0 or nonzero.max() / nonzero.min() <= LOG_SPAN:
+            panels.append(Panel(f"{family} losses", tuple(keys), "linear"))
+            continue
+        positive = tuple(k for k in keys if values[k].size and (values[k] > 0).all())
+        signed = tuple(k for k in keys if k not in positive)
+        if signed:
+            panels.append(Panel(f"{family} losses" + (", signed terms" if positive else ""), signed, "linear"))
+        if positive:
+            panels.append(Panel(f"{family} losses" + (", positive terms" if signed else "") + " (log y)", positive,
+                                "log"))
+    return panels
+
+
+def smooth(values: np.ndarray, weight: float) -> np.ndarray:
+    """Debiased exponential moving average (TensorBoard's smoothing): s_t = w s_{t-1} + (1 - w) v_t, / (1 - w^t)."""
+    out, acc = np.empty_like(values), 0.0
+    for t, v in enumerate(values, start=1):
+        acc = weight * acc + (1 - weight) * v
+        out[t - 1] = acc / (1 - weight**t)
+    return out
+
+
+def save_loss_plot(history: dict[str, list[tuple[int, float]]], path: str, width: float = 10.0,
+                   panel_height: float = 3.0, dpi: int = 100) -> str | None:
+    """One panel per loss family (sit, vae, disc, ...; two where plan_panels splits one), stacked; returns path.
+
+    Each series is drawn raw (thin, faint) and, from 10 points on, smoothed (debiased EMA, weight 0.9 from 100
+    points, else 0.6). The y axis is log where a family spans more than LOG_SPAN (plan_panels). NaN/inf points are
+    left out and counted in the legend. The PNG is width x (panels * panel_height) inches at dpi. Returns None
+    (and warns once) when matplotlib is not installed: the run goes on without the figure.
     """
-    if width < 160 or panel_height < 80:
-        raise ValueError(f"save_loss_plot: width={width} must be >= 160 and panel_height={panel_height} >= 80")
-    keys = sorted(history)
-    image = Image.new("RGB", (width, max(1, len(keys)) * panel_height), "white")
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default()
-    if not keys:
-        draw.text((10, 10), "no data yet", fill="black", font=font)
-    for i, key in enumerate(keys):
-        box = (0, i * panel_height, width, (i + 1) * panel_height)
-        _draw_panel(draw, font, key, list(history[key]), box, PALETTE[i % len(PALETTE)])
-    _save_png(image, path)
+    if width < 2 or panel_height < 1 or dpi < 10:
+        raise ValueError(f"save_loss_plot: width={width} in must be >= 2, panel_height={panel_height} in >= 1, "
+                         f"dpi={dpi} >= 10")
+    try:  # the object API draws with Agg by itself: no pyplot, no global backend change, no display
+        from matplotlib.figure import Figure
+    except ImportError:
+        _warn_no_matplotlib()
+        return None
+    panels = plan_panels(history)
+    fig = Figure(figsize=(width, panel_height * max(1, len(panels))), dpi=dpi, layout="constrained")
+    axes = fig.subplots(max(1, len(panels)), 1, squeeze=False)[:, 0]
+    if not panels:
+        axes[0].text(0.5, 0.5, "no data yet", ha="center", va="center", transform=axes[0].transAxes)
+        axes[0].set_axis_off()
+    for ax, panel in zip(axes, panels):
+        for i, key in enumerate(panel.keys):
+            steps, values = _finite(history[key])
+            skipped = len(history[key]) - len(values)
+            label = key.split("/", 1)[-1] + (f" ({skipped} non-finite left out)" if skipped else "")
+            colour = f"C{i % 10}"
+            if len(values) >= 10:
+                ax.plot(steps, values, color=colour, linewidth=0.8, alpha=0.3)
+                ax.plot(steps, smooth(values, 0.9 if len(values) >= 100 else 0.6), color=colour, linewidth=1.6,
+                        label=label)
+            else:
+                ax.plot(steps, values, color=colour, linewidth=1.4, marker="o", markersize=3, label=label)
+        ax.set_yscale(panel.yscale)
+        ax.set_title(panel.title, loc="left", fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(loc="best", fontsize=8, ncols=2 if len(panel.keys) > 4 else 1, framealpha=0.8)
+    _write_atomic(path, lambda f: fig.savefig(f, format="png"))
     return path
+
+
+@functools.cache
+def _warn_no_matplotlib() -> None:
+    warnings.warn("matplotlib is not installed: no loss figure (pip install matplotlib)", stacklevel=3)
