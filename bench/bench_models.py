@@ -2,12 +2,14 @@
 torch.compile), the SiT pass with its losses against the original SiT (tests/model/original_sit.py, eager and
 compiled), and the f8d4 VAE forward+backward at b=8 (eager vs compile), bf16 autocast.
 Timing: triton.testing.do_bench, p50/p20/p80; TFLOP/s from FLOPs counted on the meta device; MFU
-against the H100's dense bf16 peak. Never asserts speed."""
+against the GPU's dense bf16 peak (repae.model.flops). Never asserts speed."""
 
 import pytest
 import torch
-from model_harness import H100_BF16_PEAK_TFLOPS, MODEL_PROVIDERS, model_case
+from model_harness import MODEL_PROVIDERS, model_case
 from shapes import MODEL_CASES
+
+from repae.model.flops import peak_bf16_tflops
 
 
 def _applies(kind: str, provider: str) -> bool:
@@ -32,6 +34,7 @@ def test_bench_model(case, provider, mode, record):
     p50, p20, p80 = triton.testing.do_bench(bench.fn, quantiles=[0.5, 0.2, 0.8], grad_to_none=bench.grad_to_none,
                                             warmup=200, rep=1000)
     tflops = flops / (p50 * 1e9)
+    peak = peak_bf16_tflops(torch.cuda.get_device_name())
     record(op="model", case=case, provider=provider, mode=mode, ms=(p50, p20, p80), batch=batch,
-           gflop=flops / 1e9, tflops=tflops, mfu=tflops / H100_BF16_PEAK_TFLOPS)
+           gflop=flops / 1e9, tflops=tflops, mfu=float("nan") if peak is None else tflops / peak)
     torch.cuda.empty_cache()

@@ -35,8 +35,6 @@ def _wrap(op: Callable, provider: str, **fixed) -> Callable:
     if provider == "triton":
         return lambda **kw: op(**kw, **fixed, backend="triton")
     ref = {K.adaln: K.adaln_ref, K.repa_loss: K.repa_loss_ref, K.latent_bn_interp: K.latent_bn_interp_ref}[op]
-    if op is K.latent_bn_interp:  # the reference names the batch-stats switch `training`
-        fixed = {("training" if k == "use_batch_stats" else k): v for k, v in fixed.items()}
 
     def eager(**kw):
         return ref(**kw, **fixed)

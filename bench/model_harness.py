@@ -14,24 +14,21 @@ tests/test_bench_builders.py runs these builders at small sizes on CPU.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 
 import torch
 from harness import BenchFn
 
 import repae.model  # noqa: F401  (torchvision guard)
+from repae.model.flops import count_flops
 from repae.model.sit import SiTBlock, add_pending, build_sit
+from repae.train.step import autocast
 
 MODEL_PROVIDERS = ("fused", "eager", "compile", "fused_compile", "original", "original_compile")
-H100_BF16_PEAK_TFLOPS = 989.0  # dense bf16 tensor-core peak of the H100 SXM (spec sheet), for MFU
 
 
 def _autocast(device: str):
-    kind = torch.device(device).type
-    if kind not in ("cuda", "cpu"):  # meta (FLOP counting): no autocast, same FLOPs
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=kind, dtype=torch.bfloat16)
+    return autocast(torch.device(device), "bf16")
 
 
 def _randn(shape, g: torch.Generator, device: str, **kw) -> torch.Tensor:
@@ -39,15 +36,10 @@ def _randn(shape, g: torch.Generator, device: str, **kw) -> torch.Tensor:
     return torch.randn(shape, generator=g, device="cpu").to(device, **kw)
 
 
-def count_flops(build: Callable[[str], tuple[Callable, list[torch.Tensor]]], mode: str) -> int:
-    """FLOPs of one call of the built closure, counted on the meta device."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+def meta_flops(build: Callable[[str], tuple[Callable, list[torch.Tensor]]]) -> int:
+    """FLOPs of one call of the closure built on the meta device (repae.model.flops.count_flops)."""
     fn, _ = build("meta")
-    counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
-    return counter.get_total_flops()
+    return count_flops(fn)
 
 
 def _closure(forward: Callable[[], list[torch.Tensor]], mode: str) -> Callable[[], None]:
@@ -176,5 +168,5 @@ def model_case(provider: str, mode: str, kind: str, width: dict, batch: int, dev
     if provider.startswith("original") and kind != "sit_loss":
         raise ValueError(f"provider {provider!r} exists only for the sit_loss kind")
     fn, leaves = _KINDS[kind](provider, mode, width, batch, device)
-    flops = count_flops(lambda dev: _KINDS[kind]("eager", mode, width, batch, dev), mode)
+    flops = meta_flops(lambda dev: _KINDS[kind]("eager", mode, width, batch, dev))
     return BenchFn(fn, 0, [t for t in leaves if t.requires_grad]), flops

@@ -159,9 +159,9 @@ def latent_bn(
     if resolve_backend(backend, z.device) == "triton":
         from .latent_bn_triton import latent_bn_triton
 
-        return latent_bn_triton(z, running_mean, running_var, num_batches_tracked, training=use_batch_stats,
+        return latent_bn_triton(z, running_mean, running_var, num_batches_tracked, use_batch_stats=use_batch_stats,
                                 momentum=momentum, eps=eps, stats_hook=stats_hook)
-    return latent_bn_ref(z, running_mean, running_var, num_batches_tracked, training=use_batch_stats,
+    return latent_bn_ref(z, running_mean, running_var, num_batches_tracked, use_batch_stats=use_batch_stats,
                          momentum=momentum, eps=eps, stats_hook=stats_hook)
 
 
@@ -192,10 +192,10 @@ def latent_bn_interp(
         from .latent_bn_triton import latent_bn_interp_triton
 
         return latent_bn_interp_triton(z, t, noise, running_mean, running_var, num_batches_tracked,
-                                       training=use_batch_stats, path=path, momentum=momentum, eps=eps,
+                                       use_batch_stats=use_batch_stats, path=path, momentum=momentum, eps=eps,
                                        stats_hook=stats_hook)
     return latent_bn_interp_ref(z, t, noise, running_mean, running_var, num_batches_tracked,
-                                training=use_batch_stats, path=path, momentum=momentum, eps=eps,
+                                use_batch_stats=use_batch_stats, path=path, momentum=momentum, eps=eps,
                                 stats_hook=stats_hook)
 
 

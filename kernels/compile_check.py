@@ -33,11 +33,12 @@ from pathlib import Path
 
 import torch
 
-# The recipe's per-GPU shapes (bench/shapes.py holds the same, for the benchmarks; kernels/ cannot
-# import bench/), plus odd sizes that take the masked paths.
-ADALN_SHAPES = [(32, 256, 1152), (3, 7, 72 * 3 + 8)]
-REPA_SHAPES = [(32, 256, 768), (3, 5, 100)]
-LATENT_SHAPES = [(32, 4, 32, 32), (32, 32, 16, 16), (3, 5, 7, 9)]
+from .recipe import ADALN_BTD, LATENT_BCHW, REPA_BNE
+
+# The recipe's per-GPU shapes plus odd sizes that take the masked paths.
+ADALN_SHAPES = [ADALN_BTD, (3, 7, 72 * 3 + 8)]
+REPA_SHAPES = [REPA_BNE, (3, 5, 100)]
+LATENT_SHAPES = [*LATENT_BCHW.values(), (3, 5, 7, 9)]
 H100_SMS = 132
 
 

@@ -58,35 +58,35 @@ def latent_bn_ref(
     running_var: torch.Tensor,
     num_batches_tracked: torch.Tensor | None = None,
     *,
-    training: bool,
+    use_batch_stats: bool,
     momentum: float | None = 0.1,
     eps: float = 1e-4,
     stats_hook: StatsHook | None = None,
     upcast: bool = False,
 ) -> torch.Tensor:
-    """x0 = BN(z), z: [B, C, H, W]; updates the running statistics in place when training.
+    """x0 = BN(z), z: [B, C, H, W]; updates the running statistics in place when use_batch_stats.
 
     upcast=False without a hook is torch's own F.batch_norm (the definition of the op). With a hook
     the statistics are summed across ranks first; the backward through global batch statistics then
     needs a collective, which only the triton backend provides (ValueError here). upcast=True (or fp64
     z): explicit float64 math, results left in float64 under upcast.
     """
-    if training and num_batches_tracked is not None:
+    if use_batch_stats and num_batches_tracked is not None:
         num_batches_tracked.add_(1)
     factor = momentum
-    if training and momentum is None:
+    if use_batch_stats and momentum is None:
         if num_batches_tracked is None:
             raise ValueError("latent_bn: momentum=None (cumulative average) needs num_batches_tracked")
         factor = 1.0 / float(num_batches_tracked)
     fp64 = upcast or z.dtype == torch.float64
     if not fp64 and stats_hook is None:
-        return F.batch_norm(z, running_mean, running_var, training=training, momentum=factor or 0.0, eps=eps)
+        return F.batch_norm(z, running_mean, running_var, training=use_batch_stats, momentum=factor or 0.0, eps=eps)
 
     dtype = torch.float64 if fp64 else torch.float32
     out_dtype = dtype if upcast else z.dtype
     zz = z.to(dtype)
     rm, rv = running_mean.to(dtype), running_var.to(dtype)
-    if not training:
+    if not use_batch_stats:
         return ((zz - _channel_view(rm)) * _channel_view((rv + eps).rsqrt())).to(out_dtype)
     if stats_hook is not None and z.requires_grad and torch.is_grad_enabled():
         raise ValueError(
@@ -120,7 +120,7 @@ def latent_bn_interp_ref(
     running_var: torch.Tensor,
     num_batches_tracked: torch.Tensor | None = None,
     *,
-    training: bool,
+    use_batch_stats: bool,
     path: str = "linear",
     momentum: float | None = 0.1,
     eps: float = 1e-4,
@@ -130,7 +130,7 @@ def latent_bn_interp_ref(
     """(x_t, v_target) from z [B, C, H, W], t [B] (any shape with B elements), noise like z."""
     x0 = latent_bn_ref(
         z, running_mean, running_var, num_batches_tracked,
-        training=training, momentum=momentum, eps=eps, stats_hook=stats_hook, upcast=upcast,
+        use_batch_stats=use_batch_stats, momentum=momentum, eps=eps, stats_hook=stats_hook, upcast=upcast,
     )
     t = t.reshape(-1, 1, 1, 1).to(x0.dtype)
     noise = noise.to(torch.float64) if upcast else noise

@@ -296,7 +296,7 @@ def _grid(z: torch.Tensor, stats_mode: int) -> tuple[tuple[int, int], int]:
     return (C, triton.cdiv(n, chunk)), chunk
 
 
-def latent_bn_fwd(z, t, noise, running_mean, running_var, num_batches_tracked, *, training, momentum, eps,
+def latent_bn_fwd(z, t, noise, running_mean, running_var, num_batches_tracked, *, use_batch_stats, momentum, eps,
                   path, write_x0, stats_hook):
     """Launch the forward; returns (x0 or None, x_t or None, v* or None, mean [C], rstd [C])."""
     check_latent_bn_inputs(z, running_mean, running_var, num_batches_tracked, t, noise, path)
@@ -304,9 +304,9 @@ def latent_bn_fwd(z, t, noise, running_mean, running_var, num_batches_tracked, *
     z, noise = contiguous(z), contiguous(noise)
     B, C, H, W = z.shape
     HW, n = H * W, B * H * W
-    if training and n <= 1:
+    if use_batch_stats and n <= 1:
         raise ValueError(f"latent_bn: expected more than 1 value per channel when training, got z {list(z.shape)}")
-    if training and momentum is None and num_batches_tracked is None:
+    if use_batch_stats and momentum is None and num_batches_tracked is None:
         raise ValueError("latent_bn: momentum=None (cumulative average) needs num_batches_tracked")
     interp = t is not None
     x0 = torch.empty_like(z) if write_x0 else None
@@ -315,7 +315,7 @@ def latent_bn_fwd(z, t, noise, running_mean, running_var, num_batches_tracked, *
     mean = torch.empty(C, device=z.device, dtype=acc_dtype(z))
     rstd = torch.empty_like(mean)
     nbt = num_batches_tracked if num_batches_tracked is not None else torch.zeros((), dtype=torch.long, device=z.device)
-    cumulative = training and momentum is None
+    cumulative = use_batch_stats and momentum is None
     if cumulative:
         nbt.add_(1)  # read by the kernel as 1/num_batches_tracked
     stats = None
@@ -324,7 +324,7 @@ def latent_bn_fwd(z, t, noise, running_mean, running_var, num_batches_tracked, *
                   ACC=tl_dtype(mean.dtype))
     per_channel, chunked = _channel_launch(n), {"BLOCK": BLOCK, "num_warps": 4}
     outs = (x0 if write_x0 else z, xt if interp else z, vt if interp else z)
-    mode = STATS_EVAL if not training else (STATS_FUSED if stats_hook is None else STATS_GLOBAL)
+    mode = STATS_EVAL if not use_batch_stats else (STATS_FUSED if stats_hook is None else STATS_GLOBAL)
     if mode == STATS_GLOBAL:  # two rounds of global sums: about the running mean, then about the global mean
         prev = None
         for stats_mode in (STATS_LOCAL, STATS_RECENTER):
@@ -346,7 +346,7 @@ def latent_bn_fwd(z, t, noise, running_mean, running_var, num_batches_tracked, *
     return x0, xt, vt, mean, rstd
 
 
-def latent_bn_bwd(dx0, dxt, dvt, z, t, mean, rstd, *, training, path, need_dnoise, stats_hook):
+def latent_bn_bwd(dx0, dxt, dvt, z, t, mean, rstd, *, use_batch_stats, path, need_dnoise, stats_hook):
     """Launch the backward; returns (dz, dnoise or None)."""
     B, C, H, W = z.shape
     HW, n = H * W, B * H * W
@@ -364,7 +364,7 @@ def latent_bn_bwd(dx0, dxt, dvt, z, t, mean, rstd, *, training, path, need_dnois
                   ACC=tl_dtype(mean.dtype))
     per_channel, chunked = _channel_launch(n), {"BLOCK": BLOCK, "num_warps": 4}
     outs = (dz, dnoise if need_dnoise else dz)
-    mode = STATS_EVAL if not training else (STATS_FUSED if stats_hook is None else STATS_GLOBAL)
+    mode = STATS_EVAL if not use_batch_stats else (STATS_FUSED if stats_hook is None else STATS_GLOBAL)
     stats = mean
     if mode == STATS_GLOBAL:
         stats = torch.empty(3, C, device=z.device, dtype=mean.dtype)
@@ -402,30 +402,30 @@ class LatentBNFn(torch.autograd.Function):
     (dynamo traces forward and backward) the launches go through the repae:: ops below."""
 
     @staticmethod
-    def forward(ctx, z, t, noise, running_mean, running_var, num_batches_tracked, training, momentum, eps, path,
+    def forward(ctx, z, t, noise, running_mean, running_var, num_batches_tracked, use_batch_stats, momentum, eps, path,
                 stats_hook):
         interp = t is not None
         launch = _fwd_through_op if torch.compiler.is_compiling() else latent_bn_fwd
         x0, xt, vt, mean, rstd = launch(
-            z, t, noise, running_mean, running_var, num_batches_tracked, training=training, momentum=momentum,
-            eps=eps, path=path, write_x0=not interp, stats_hook=stats_hook,
+            z, t, noise, running_mean, running_var, num_batches_tracked, use_batch_stats=use_batch_stats,
+            momentum=momentum, eps=eps, path=path, write_x0=not interp, stats_hook=stats_hook,
         )
         ctx.save_for_backward(z, t, mean, rstd)
-        ctx.conf = (training, path, stats_hook, interp)
+        ctx.conf = (use_batch_stats, path, stats_hook, interp)
         ctx.set_materialize_grads(False)
         return (xt, vt) if interp else x0
 
     @staticmethod
     def backward(ctx, *grads):
         z, t, mean, rstd = ctx.saved_tensors
-        training, path, stats_hook, interp = ctx.conf
+        use_batch_stats, path, stats_hook, interp = ctx.conf
         dx0, dxt, dvt = (None, *grads) if interp else (grads[0], None, None)
         need_dnoise = interp and ctx.needs_input_grad[2] and (dxt is not None or dvt is not None)
         if dx0 is None and dxt is None and dvt is None:
             return (None,) * 11
         launch = _bwd_through_op if torch.compiler.is_compiling() else latent_bn_bwd
-        dz, dnoise = launch(dx0, dxt, dvt, z, t, mean, rstd, training=training, path=path, need_dnoise=need_dnoise,
-                            stats_hook=stats_hook)
+        dz, dnoise = launch(dx0, dxt, dvt, z, t, mean, rstd, use_batch_stats=use_batch_stats, path=path,
+                            need_dnoise=need_dnoise, stats_hook=stats_hook)
         return (dz if ctx.needs_input_grad[0] else None, None, dnoise if need_dnoise else None) + (None,) * 8
 
 
@@ -459,13 +459,13 @@ class LatentBNDenormFn(torch.autograd.Function):
 @torch.library.custom_op(
     "repae::latent_bn_fwd", mutates_args=("running_mean", "running_var", "num_batches_tracked"),
     schema="(Tensor z, Tensor? t, Tensor? noise, Tensor(a!) running_mean, Tensor(b!) running_var, "
-           "Tensor(c!)? num_batches_tracked, bool training, float? momentum, float eps, str path) "
+           "Tensor(c!)? num_batches_tracked, bool use_batch_stats, float? momentum, float eps, str path) "
            "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
-def latent_bn_fwd_op(z, t, noise, running_mean, running_var, num_batches_tracked, training, momentum, eps, path):
+def latent_bn_fwd_op(z, t, noise, running_mean, running_var, num_batches_tracked, use_batch_stats, momentum, eps, path):
     """latent_bn_fwd (no hook) as an op: (x0, x_t, v*, mean, rstd); x0 empty with t, x_t and v* without."""
     x0, xt, vt, mean, rstd = latent_bn_fwd(z, t, noise, running_mean, running_var, num_batches_tracked,
-                                           training=training, momentum=momentum, eps=eps, path=path,
+                                           use_batch_stats=use_batch_stats, momentum=momentum, eps=eps, path=path,
                                            write_x0=t is None, stats_hook=None)
     if t is None:
         return x0, z.new_empty(0), z.new_empty(0), mean, rstd
@@ -473,42 +473,42 @@ def latent_bn_fwd_op(z, t, noise, running_mean, running_var, num_batches_tracked
 
 
 @latent_bn_fwd_op.register_fake
-def _(z, t, noise, running_mean, running_var, num_batches_tracked, training, momentum, eps, path):
+def _(z, t, noise, running_mean, running_var, num_batches_tracked, use_batch_stats, momentum, eps, path):
     stats = z.new_empty(z.shape[1], dtype=acc_dtype(z))
     if t is None:
         return z.new_empty(z.shape), z.new_empty(0), z.new_empty(0), stats, torch.empty_like(stats)
     return z.new_empty(0), z.new_empty(z.shape), z.new_empty(z.shape), stats, torch.empty_like(stats)
 
 
-def _fwd_through_op(z, t, noise, running_mean, running_var, num_batches_tracked, *, training, momentum, eps, path,
-                    write_x0, stats_hook):
+def _fwd_through_op(z, t, noise, running_mean, running_var, num_batches_tracked, *, use_batch_stats, momentum, eps,
+                    path, write_x0, stats_hook):
     """latent_bn_fwd's interface over the op (the caller keeps hooks out: they cannot enter a graph)."""
     check_latent_bn_inputs(z, running_mean, running_var, num_batches_tracked, t, noise, path)  # at trace time
-    x0, xt, vt, mean, rstd = latent_bn_fwd_op(z, t, noise, running_mean, running_var, num_batches_tracked, training,
-                                              momentum, eps, path)
+    x0, xt, vt, mean, rstd = latent_bn_fwd_op(z, t, noise, running_mean, running_var, num_batches_tracked,
+                                              use_batch_stats, momentum, eps, path)
     return (x0, None, None, mean, rstd) if t is None else (None, xt, vt, mean, rstd)
 
 
 @torch.library.custom_op(
     "repae::latent_bn_bwd", mutates_args=(),
-    schema="(Tensor? dx0, Tensor? dxt, Tensor? dvt, Tensor z, Tensor? t, Tensor mean, Tensor rstd, bool training, "
-           "str path, bool need_dnoise) -> (Tensor, Tensor)",
+    schema="(Tensor? dx0, Tensor? dxt, Tensor? dvt, Tensor z, Tensor? t, Tensor mean, Tensor rstd, "
+           "bool use_batch_stats, str path, bool need_dnoise) -> (Tensor, Tensor)",
 )
-def latent_bn_bwd_op(dx0, dxt, dvt, z, t, mean, rstd, training, path, need_dnoise):
+def latent_bn_bwd_op(dx0, dxt, dvt, z, t, mean, rstd, use_batch_stats, path, need_dnoise):
     """latent_bn_bwd (no hook) as an op: (dz, dnoise), dnoise empty when not needed."""
-    dz, dnoise = latent_bn_bwd(dx0, dxt, dvt, z, t, mean, rstd, training=training, path=path,
+    dz, dnoise = latent_bn_bwd(dx0, dxt, dvt, z, t, mean, rstd, use_batch_stats=use_batch_stats, path=path,
                                need_dnoise=need_dnoise, stats_hook=None)
     return dz, (dnoise if dnoise is not None else z.new_empty(0))
 
 
 @latent_bn_bwd_op.register_fake
-def _(dx0, dxt, dvt, z, t, mean, rstd, training, path, need_dnoise):
+def _(dx0, dxt, dvt, z, t, mean, rstd, use_batch_stats, path, need_dnoise):
     return z.new_empty(z.shape), (z.new_empty(z.shape) if need_dnoise else z.new_empty(0))
 
 
-def _bwd_through_op(dx0, dxt, dvt, z, t, mean, rstd, *, training, path, need_dnoise, stats_hook):
+def _bwd_through_op(dx0, dxt, dvt, z, t, mean, rstd, *, use_batch_stats, path, need_dnoise, stats_hook):
     """latent_bn_bwd's interface over the op."""
-    dz, dnoise = latent_bn_bwd_op(dx0, dxt, dvt, z, t, mean, rstd, training, path, need_dnoise)
+    dz, dnoise = latent_bn_bwd_op(dx0, dxt, dvt, z, t, mean, rstd, use_batch_stats, path, need_dnoise)
     return dz, (dnoise if need_dnoise else None)
 
 
@@ -530,19 +530,19 @@ def _apply_uncompiled(*args):
     return LatentBNFn.apply(*args)
 
 
-def latent_bn_triton(z, running_mean, running_var, num_batches_tracked=None, *, training, momentum=0.1, eps=1e-4,
+def latent_bn_triton(z, running_mean, running_var, num_batches_tracked=None, *, use_batch_stats, momentum=0.1, eps=1e-4,
                      stats_hook: StatsHook | None = None):
     """Triton backend of kernels.latent_bn."""
     apply = _apply_uncompiled if stats_hook is not None else LatentBNFn.apply
-    return apply(z, None, None, running_mean, running_var, num_batches_tracked, training, momentum, eps, "linear",
-                 stats_hook)
+    return apply(z, None, None, running_mean, running_var, num_batches_tracked, use_batch_stats, momentum, eps,
+                 "linear", stats_hook)
 
 
-def latent_bn_interp_triton(z, t, noise, running_mean, running_var, num_batches_tracked=None, *, training,
+def latent_bn_interp_triton(z, t, noise, running_mean, running_var, num_batches_tracked=None, *, use_batch_stats,
                             path="linear", momentum=0.1, eps=1e-4, stats_hook: StatsHook | None = None):
     """Triton backend of kernels.latent_bn_interp."""
     apply = _apply_uncompiled if stats_hook is not None else LatentBNFn.apply
-    return apply(z, t, noise, running_mean, running_var, num_batches_tracked, training, momentum, eps, path,
+    return apply(z, t, noise, running_mean, running_var, num_batches_tracked, use_batch_stats, momentum, eps, path,
                  stats_hook)
 
 

@@ -12,6 +12,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
 
+# repae.model makes torchvision (hence timm and lpips) importable beside a CPU-only torch; importing it here, before
+# any test module, keeps that independent of the order of a test file's imports (which ruff sorts).
+import repae.model  # noqa: E402, F401
+
 
 def pytest_collection_modifyitems(config, items):
     """Tests marked `gpu` need CUDA (full-size shapes run compiled); skip them with the reason."""

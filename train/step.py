@@ -107,9 +107,11 @@ class StepSettings:
     kernel_backend: str | None = None
 
 
-def _autocast(device: torch.device, precision: str):
+def autocast(device: torch.device, precision: str):
+    """Autocast to the precision's dtype (AUTOCAST_DTYPES) on device; none for fp32 or a device without autocast
+    (meta, where FLOPs are counted: the same FLOPs)."""
     dtype = AUTOCAST_DTYPES[precision]
-    if dtype is None:
+    if dtype is None or device.type not in ("cuda", "cpu"):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
 
@@ -166,7 +168,7 @@ def train_step(models: StepModels, inputs: StepInputs, settings: StepSettings, *
     """
     mark = mark or (lambda name: None)
     device = inputs.images.device
-    amp = _autocast(device, settings.precision)
+    amp = autocast(device, settings.precision)
     logs: dict[str, torch.Tensor] = {}
 
     # 0. Representation targets: frozen encoders, no grad, autocast (their final norm returns fp32).

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from repae.kernels import allreduce_stats_hook
 from repae.model.discriminator import build_discriminator
 from repae.model.encoders import DINOv2Encoder, parse_enc_type
+from repae.model.flops import count_flops, peak_bf16_tflops
 from repae.model.losses import LeCamEMA
 from repae.model.lpips import LPIPS
 from repae.model.sit import SiT, sit_config
@@ -44,7 +45,6 @@ from .sync_bn import sync_batchnorm_
 ENGINES = ("sit", "vae", "disc")
 
 
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16/fp16 tensor-core peaks, for MFU
 
 
 def estimate_flops_per_image(cfg: TrainConfig) -> float:
@@ -53,21 +53,14 @@ def estimate_flops_per_image(cfg: TrainConfig) -> float:
     DINOv2, LPIPS and the discriminator are left out, so the MFU built on it is a lower bound."""
     from dataclasses import replace
 
-    from torch.utils.flop_counter import FlopCounterMode
-
     cfg = replace(cfg, kernel_backend="eager")  # the Triton kernels do not run on meta tensors
     with torch.device("meta"):
         sit, vae = build_sit_from_config(cfg), build_vae(build_vae_config(cfg))
         c, R = sit.config, cfg.data.resolution
         z = torch.zeros(1, c.in_channels, c.input_size, c.input_size)
-        counter = FlopCounterMode(display=False)
-        with counter:
-            sit(z, torch.zeros(1, dtype=torch.long), torch.zeros(1), z, use_batch_stats=False)
-        sit_f = counter.get_total_flops()
-        counter = FlopCounterMode(display=False)
-        with counter:
-            vae(torch.zeros(1, 3, R, R), sample_posterior=False)
-        vae_f = counter.get_total_flops()
+        sit_f = count_flops(lambda: sit(z, torch.zeros(1, dtype=torch.long), torch.zeros(1), z,
+                                        use_batch_stats=False))
+        vae_f = count_flops(lambda: vae(torch.zeros(1, 3, R, R), sample_posterior=False))
     return 3 * sit_f + 2 * sit_f * c.encoder_depth / c.depth + 3 * vae_f
 
 
@@ -460,7 +453,7 @@ class Trainer:
         if self._flops_per_image is not None:
             tflops = self._flops_per_image * values["perf/img_per_s"] / self.world / 1e12
             values["perf/tflops_per_gpu_est"] = tflops
-            peak = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name()), None)
+            peak = peak_bf16_tflops(torch.cuda.get_device_name())
             if peak is not None:
                 values["perf/mfu_est"] = tflops / peak
         for name, engine in self.engines.items():

@@ -48,8 +48,8 @@ def _run_interp(shape, dtype, training, path, *, magnitude=1.0, noise_grad=True)
     eager, _ = fwd_bwd(latent_bn_interp, tensors, names, douts=douts, backend="eager",
                        running_mean=stats_eager[0], running_var=stats_eager[1], num_batches_tracked=stats_eager[2],
                        **kw)
-    oracle, _ = fwd_bwd(latent_bn_interp_ref, tensors, names, douts=douts, upcast=True, training=training, path=path,
-                        running_mean=stats_oracle[0], running_var=stats_oracle[1],
+    oracle, _ = fwd_bwd(latent_bn_interp_ref, tensors, names, douts=douts, upcast=True, use_batch_stats=training,
+                        path=path, running_mean=stats_oracle[0], running_var=stats_oracle[1],
                         num_batches_tracked=stats_oracle[2])
     check_parity(got, eager, oracle, atol=ATOL[dtype])
     for name, g, e, o in zip(STAT_KEYS, stats_got, stats_eager, stats_oracle):
@@ -95,7 +95,7 @@ def test_latent_bn_plain_matches_ref(shape, dtype, training):
     for backend in ("triton", "eager", None):
         rm, rv, nbt = (inputs[k].clone() for k in STAT_KEYS)
         if backend is None:
-            res = fwd_bwd(latent_bn_ref, z, ("x0",), douts=results[0][1], upcast=True, training=training,
+            res = fwd_bwd(latent_bn_ref, z, ("x0",), douts=results[0][1], upcast=True, use_batch_stats=training,
                           running_mean=rm, running_var=rv, num_batches_tracked=nbt)
         else:
             res = fwd_bwd(latent_bn, z, ("x0",), douts=results[0][1] if results else None, backend=backend,

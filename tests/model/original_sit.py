@@ -17,8 +17,6 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Attention, Mlp, PatchEmbed  # noqa: E402
 from torch import nn
 
-import repae.model  # noqa: F401  (torchvision guard before timm)
-
 
 def modulate(x, shift, scale):
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)

@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 
-import repae.model  # noqa: F401  (torchvision guard, before timm)
 from repae.model.encoders import (
     DINOv2Encoder,
     dinov2_grid_size,

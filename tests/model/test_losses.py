@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-import repae.model  # noqa: F401  (torchvision guard)
 from repae.model.discriminator import NLayerDiscriminator
 from repae.model.losses import (
     LeCamEMA,

@@ -19,7 +19,6 @@ import pytest
 import torch
 from torch import nn
 
-import repae.model  # noqa: F401  (torchvision guard, before lpips/torchvision)
 from repae.model import lpips as ours_lpips
 from repae.model.lpips import LPIPS, VGG16_FILE, file_md5, lpips_head_file, vgg16_features
 from repae.model.weights import read_weight_file

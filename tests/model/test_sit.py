@@ -20,7 +20,6 @@ import torch
 from original_sit import OriginalSiT, mean_flat
 from parity import assert_close_3way
 
-import repae.model  # noqa: F401
 from repae.kernels import repa_loss
 from repae.model.sit import (
     SiT,
