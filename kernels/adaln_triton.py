@@ -132,7 +132,7 @@ def _adaln_bwd_kernel(
 def _chunking(x_BTD: torch.Tensor) -> tuple[int, int]:
     """(rows_per_prog, num_chunks): about 8 programs per SM, never more rows than T.
 
-    PERF: untuned placeholder (no GPU in the session that wrote it); flash-attn's LN backward uses
+    PERF: untuned placeholder (not yet measured on a GPU); flash-attn's LN backward uses
     8 programs per SM, which is the starting point here.
     """
     B, T, _ = x_BTD.shape

@@ -275,7 +275,7 @@ def _channel_launch(n: int) -> dict:
     a serial loop: it is bound by memory latency, not bandwidth, so each iteration should have as many
     bytes in flight as one SM allows: up to 8192 elements over 16 warps (16 per thread, four 128-bit
     loads for fp32) instead of 1024 over 4. compile_check: no spills at the recipe's shapes.
-    PERF: chosen by that reasoning, not measured (no GPU in the session that wrote it).
+    PERF: chosen by that reasoning, not yet measured on a GPU.
     """
     block = min(CHANNEL_BLOCK, max(BLOCK, 1 << max(0, (n - 1).bit_length())))
     return {"BLOCK": block, "num_warps": max(4, block // 512)}
@@ -285,7 +285,7 @@ def _grid(z: torch.Tensor, stats_mode: int) -> tuple[tuple[int, int], int]:
     """((C, chunks), elements per program): the fused-stats mode needs the whole channel in one
     program; the others spread each channel over about 4 programs per SM in total.
 
-    PERF: untuned placeholder (no GPU in the session that wrote it).
+    PERF: untuned placeholder (not yet measured on a GPU).
     """
     B, C, H, W = z.shape
     n = B * H * W

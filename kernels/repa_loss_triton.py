@@ -106,7 +106,7 @@ def _repa_loss_bwd_kernel(
 def _tiling(a: torch.Tensor) -> tuple[int, int, int, int]:
     """(BLOCK_C, BLOCK_M, rows_per_prog, num_progs): ~4096-element tiles, ~4 programs per SM.
 
-    PERF: untuned placeholder (no GPU in the session that wrote it).
+    PERF: untuned placeholder (not yet measured on a GPU).
     """
     M, C = a.shape[0] * a.shape[1], a.shape[2]
     block_c = next_pow2(C)

@@ -1,4 +1,4 @@
-"""repae.model: SiT, VAE, PatchGAN discriminator, LPIPS and the DINOv2 encoder of REPA-E (spec §2-§5).
+"""repae.model: SiT, VAE, PatchGAN discriminator, LPIPS and the DINOv2 encoder of REPA-E (docs/METHOD.md).
 
     from repae.model import build_sit, build_vae, build_discriminator, LPIPS, load_encoders
     from repae.model import load_weights, load_released_checkpoint

@@ -1,4 +1,5 @@
-"""PatchGAN discriminator of REPA-E's VAE loss (spec 4.5): taming's NLayerDiscriminator, BatchNorm variant.
+"""PatchGAN discriminator of REPA-E's VAE loss (docs/METHOD.md#vae-and-gan-losses): taming's NLayerDiscriminator,
+BatchNorm variant.
 
     disc = build_discriminator("pretrained/sdvae/sdvae-f8d4-discriminator-ckpt.pt")   # strict load
     logits = disc(x_B3HW)                                                              # [B, 1, 30, 30] at 256 px

@@ -1,9 +1,11 @@
-"""DINOv2 representation encoder for the REPA loss (spec 5): enc_type parsing, local weights, preprocessing.
+"""DINOv2 representation encoder for the REPA loss (docs/METHOD.md#dinov2-encoder): enc_type parsing, local weights,
+preprocessing.
 
     encoders, z_dims = load_encoders("dinov2-vit-b", resolution=256)   # finds dinov2_vitb14_pretrain.pth
     zs = [enc(raw_uint8_B3HW) for enc in encoders]                     # each [B, 256, 768], no grad
 
-The original builds facebookresearch/dinov2 through an unpinned, online torch.hub call (spec 9.1-13). Here the
+The original builds facebookresearch/dinov2 through an unpinned, online torch.hub call
+(docs/METHOD.md#bugs-of-the-original-code, item 13). Here the
 same network is timm's `vit_*_patch14_dinov2`, built offline at the hub model's layout (img 518, 37x37 patches
 + cls), loaded strictly from a local file (the official `dinov2_vit?14[_reg4]_pretrain.pth`, renamed to timm's
 keys here, or a timm-layout file), then its pos_embed is resampled to the training grid as REPA-E does.
@@ -204,7 +206,8 @@ def build_dinov2_vit(spec: EncoderSpec, resolution: int = 256, *, weights: str |
     # at forward time, as in the original, where DINOv2's interpolate_pos_encoding is a no-op at 256 patches.
     # PARITY: the original runs facebookresearch's DinoVisionTransformer (xformers attention when installed);
     # timm's network is the same math with F.scaled_dot_product_attention, so features agree up to rounding.
-    # Its random init draws from the CPU RNG differently from the hub build (spec 1.1-2; weights overwrite it).
+    # Its random init draws from the CPU RNG differently from the hub build (the original builds DINOv2 before the SiT;
+    # weights overwrite it).
     vit = timm.create_model(spec.timm_name, pretrained=False, img_size=HUB_IMG_SIZE, num_classes=0,
                             dynamic_img_size=False)
     if pretrained:

@@ -1,4 +1,5 @@
-"""The losses of REPA-E (spec 1.3, 4): denoising, REPA projection, VAE generator terms, discriminator hinge.
+"""The losses of REPA-E (docs/METHOD.md#loss-weights-and-optimizers, #vae-and-gan-losses): denoising, REPA projection,
+VAE generator terms, discriminator hinge.
 
     dn = denoising_loss(out.v_pred, out.v_target)                         # SiT pass
     proj = projection_loss(out.zs_tilde, zs)                              # both SiT passes
@@ -124,7 +125,7 @@ class VAELossConfig:
 
 def vae_generator_loss(x: torch.Tensor, x_hat: torch.Tensor, posterior, logits_fake: torch.Tensor | None, *,
                        lpips: nn.Module, cfg: VAELossConfig, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """REPA-E's generator-mode VAE loss (spec 4.2), without the alignment term the caller adds.
+    """REPA-E's generator-mode VAE loss (docs/METHOD.md#vae-and-gan-losses), without the alignment term the caller adds.
 
     total = rec_w * mean|x - x_hat| / exp(logvar_init) + perc_w * mean_b LPIPS(x, x_hat)
             + kl_w * sum_b KL_b / B + d_weight * factor(step) * (-mean D(x_hat))
@@ -133,7 +134,7 @@ def vae_generator_loss(x: torch.Tensor, x_hat: torch.Tensor, posterior, logits_f
     logits_fake: D(x_hat) from the caller's frozen discriminator (may be None while cfg.gan_active(step) is
     False: the original then skips the D call and the GAN term is 0). lpips: a frozen LPIPS module.
     lpips.double_rescale must equal cfg.lpips_double_rescale (ValueError otherwise).
-    Returns (total, logs): fp32 0-d tensors; the logs are detached (spec 4.2's eight keys). Gradients reach
+    Returns (total, logs): fp32 0-d tensors; the logs are detached (the original's eight keys). Gradients reach
     x_hat, the posterior's tensors and logits_fake (hence x_hat again through the discriminator).
     """
     if x.ndim != 4 or x.shape != x_hat.shape:

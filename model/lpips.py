@@ -1,4 +1,4 @@
-"""LPIPS (VGG16) perceptual distance of REPA-E's VAE loss (spec 4.3), always computed in fp32.
+"""LPIPS (VGG16) perceptual distance of REPA-E's VAE loss (docs/METHOD.md#vae-and-gan-losses), always computed in fp32.
 
     lpips = LPIPS(double_rescale=True)         # released checkpoints' behaviour; finds vgg16-397923af.pth
     d_B111 = lpips(x, x_hat)                   # x, x_hat in [-1, 1], [B, 3, H, W] -> [B, 1, 1, 1]

@@ -1,4 +1,5 @@
-"""Build and load the models of a released REPA-E run: args.json + checkpoints/<step>.pt (spec §1.8).
+"""Build and load the models of a released REPA-E run: args.json + checkpoints/<step>.pt
+(docs/METHOD.md#checkpoint-layout-of-the-original).
 
     run = load_released_checkpoint("exps/sit-xl-repae/checkpoints/0400000.pt")   # SiT from `ema`
     run.sit, run.vae, run.discriminator, run.args, run.steps

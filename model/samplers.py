@@ -1,4 +1,5 @@
-"""Samplers of REPA-E (spec sec. 6): Euler ODE (previews, --mode ode) and Euler-Maruyama SDE (the paper FIDs).
+"""Samplers of REPA-E (docs/METHOD.md#sampling): Euler ODE (previews, --mode ode) and Euler-Maruyama SDE (the paper
+FIDs).
 
     latents = euler_sampler(sit.inference, noise, labels, num_steps=50, cfg_scale=4.0, null_class=1000)
     latents = euler_maruyama_sampler(sit.inference, noise, labels, cfg_scale=1.8, guidance_high=0.825,
@@ -82,7 +83,7 @@ def _check(latents: torch.Tensor, y: torch.Tensor, num_steps: int, cfg_scale: fl
 def euler_sampler(model_fn: ModelFn, latents: torch.Tensor, y: torch.Tensor, *, num_steps: int = 50,
                   cfg_scale: float = 1.0, guidance_low: float = 0.0, guidance_high: float = 1.0,
                   null_class: int | None, heun: bool = False) -> torch.Tensor:
-    """Euler ODE from t=1 to t=0 on linspace(1, 0, num_steps+1) (spec sec. 6.1); float64 [B,C,H,W] out.
+    """Euler ODE from t=1 to t=0 on linspace(1, 0, num_steps+1) (docs/METHOD.md#sampling); float64 [B,C,H,W] out.
 
     NFE = num_steps (x2 inside the guidance interval); heun adds a corrector on every step but the last.
     """
@@ -109,7 +110,7 @@ def euler_maruyama_sampler(model_fn: ModelFn, latents: torch.Tensor, y: torch.Te
                            cfg_scale: float = 1.0, guidance_low: float = 0.0, guidance_high: float = 1.0,
                            null_class: int | None, path_type: str = "linear",
                            generator: torch.Generator | None = None) -> torch.Tensor:
-    """Euler-Maruyama SDE (spec sec. 6.2) with diffusion w = 2t; float64 [B,C,H,W] out.
+    """Euler-Maruyama SDE (docs/METHOD.md#sampling) with diffusion w = 2t; float64 [B,C,H,W] out.
 
     t_steps = cat[linspace(1, 0.04, num_steps), [0]]: num_steps - 1 stochastic steps
     x += d dt + sqrt(w) eps sqrt(|dt|) with d = v - w/2 score (CFG on d), then one deterministic step

@@ -1,4 +1,4 @@
-"""SiT (Scalable Interpolant Transformer) of REPA-E: the module tree, keys, init and forward of spec §2.
+"""SiT (Scalable Interpolant Transformer) of REPA-E: the module tree, keys, init and forward of docs/METHOD.md#sit.
 
     model = build_sit("SiT-XL/2", input_size=32, in_channels=4)          # f8d4 latents, T = 256
     out = model(z, y, t, noise)                                          # BN by model.training
@@ -178,7 +178,8 @@ def sit_config_from_args(args: Mapping | object) -> SiTConfig:
     hidden = out.get("hidden_size", SiT_models.get(a.get("model"), {}).get("hidden_size"))
     if dec is not None and hidden is not None and dec != hidden:
         # PARITY: the original FinalLayer is built with decoder_hidden_size and crashes unless it equals
-        # hidden_size (the SiT-S bug, spec §9.1-6); here the final layer always has the stream's width.
+        # hidden_size (the SiT-S bug, docs/METHOD.md#bugs-of-the-original-code item 6); here the final layer always has
+        # the stream's width.
         raise ValueError(f"args: decoder_hidden_size={dec} != hidden_size={hidden} is not a trainable SiT")
     return sit_config(a.get("model"), **out)
 
@@ -240,7 +241,8 @@ class TimestepEmbedder(nn.Module):
         return emb
 
     def forward(self, t_B: torch.Tensor) -> torch.Tensor:
-        # The table is fp32 (spec); cast to the weights' dtype so a bf16/fp64 model takes it (no-op for fp32).
+        # The table is fp32 (as the original builds it); cast to the weights' dtype so a bf16/fp64 model takes it
+        # (no-op for fp32).
         return self.mlp(self.timestep_embedding(t_B, self.frequency_embedding_size).to(self.mlp[0].weight.dtype))
 
 
@@ -447,7 +449,7 @@ class SiT(nn.Module):
     def forward(self, z_BCHW: torch.Tensor, y_B: torch.Tensor, t_B: torch.Tensor, noise_BCHW: torch.Tensor, *,
                 drop_mask_B: torch.Tensor | None = None, align_only: bool = False,
                 use_batch_stats: bool | None = None) -> SiTOutput:
-        """Training forward on clean latents z (spec §2.4 without the loss).
+        """Training forward on clean latents z (docs/METHOD.md#sit, without the loss).
 
         x0 = BN(z) (batch statistics, updating the running ones, when use_batch_stats, default
         self.training; else the running statistics), x_t = alpha_t x0 + sigma_t eps, v* = alpha'_t x0 +
@@ -498,7 +500,7 @@ def build_sit(name: str | SiTConfig | None = None, **overrides) -> SiT:
 
 
 def count_parameters(module: nn.Module) -> int:
-    """All parameters, frozen ones (pos_embed) included: the spec's counts."""
+    """All parameters, frozen ones (pos_embed) included: the counts of docs/METHOD.md#sit."""
     return sum(p.numel() for p in module.parameters())
 
 

@@ -1,4 +1,4 @@
-"""The VAE of REPA-E (spec section 3): LDM/CompVis `AutoencoderKL`, f8d4 (SD-VAE) and f16d32 (IN-VAE, VA-VAE).
+"""The VAE of REPA-E (docs/METHOD.md#vae): LDM/CompVis `AutoencoderKL`, f8d4 (SD-VAE) and f16d32 (IN-VAE, VA-VAE).
 
     vae = build_vae("f8d4")                              # 83,653,863 parameters, LDM state-dict keys
     load_vae_weights(vae, "e2e-sdvae.pt")               # LDM file, or a diffusers AutoencoderKL file (remapped)
@@ -383,7 +383,7 @@ _DIFFUSERS_RULES = [
     (r"\.attn(_1|\.\d+)\.(to_v|value)\.", r".attn\1.v."),
     (r"\.attn(_1|\.\d+)\.(to_out\.0|proj_attn)\.", r".attn\1.proj_out."),
 ]
-# Every name an LDM AutoencoderKL key can have (spec section 3); a remapped key must match one.
+# Every name an LDM AutoencoderKL key can have (docs/METHOD.md#vae); a remapped key must match one.
 _RESNET = r"block(_[12]|\.\d+)\.(norm1|conv1|norm2|conv2|nin_shortcut)"
 _ATTN = r"attn(_1|\.\d+)\.(norm|q|k|v|proj_out)"
 _LDM_KEY = re.compile(
@@ -435,7 +435,8 @@ def _ldm_layout(sd: StateDict) -> StateDict:
 def load_vae_weights(vae: AutoencoderKL, path: str | os.PathLike, *, key: str | None = None,
                      strict: bool = True) -> AutoencoderKL:
     """Load an LDM-format (`.pt` / `.safetensors`, or a checkpoint's `vae` entry with key="vae") or a
-    diffusers-format file into `vae`, strictly by default (spec section 9.1-5: the original's strict=False
+    diffusers-format file into `vae`, strictly by default (docs/METHOD.md#bugs-of-the-original-code, item 5: the
+    original's strict=False
     silently left the VAE random on a diffusers file)."""
     return load_weights(vae, path, key=key, strict=strict, remap=_ldm_layout, what="VAE weight file")
 

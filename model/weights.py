@@ -6,9 +6,10 @@
     save_weights(model.state_dict(), "model.safetensors")
 
 The released REPA-E checkpoints hold an `argparse.Namespace` under `args`; `torch.load` with
-`weights_only=True` refuses it, so exactly that class is allowed (spec §9.1-12), nothing else.
+`weights_only=True` refuses it, so exactly that class is allowed (docs/METHOD.md#bugs-of-the-original-code, item 12),
+nothing else.
 Loading is strict by default: a mismatch raises one ValueError naming every missing and unexpected
-key and every shape that differs, never a silently half-loaded model (spec §9.1-5).
+key and every shape that differs, never a silently half-loaded model (docs/METHOD.md#bugs-of-the-original-code, item 5).
 This file must not hold model code or key remaps (those live beside their models).
 """
 

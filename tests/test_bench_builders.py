@@ -1,5 +1,5 @@
 """The benchmark builders of bench/harness.py run (not timed) at small shapes on any machine, so the
-benchmark plumbing is known to work before a GPU session spends its minutes on it."""
+benchmark plumbing is known to work before a run on a GPU spends its minutes on it."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Layering rules (../shared/STYLE.md B2), checked on the source: who may import Triton and kernels."""
+"""Layering rules (docs/ARCHITECTURE.md#layers), checked on the source: who may import Triton and kernels."""
 
 import ast
 from pathlib import Path

@@ -1,1 +1,1 @@
-"""repae.train: the REPA-E step and the DeepSpeed trainer (issue 5; empty so far)."""
+"""repae.train: the REPA-E step, the DeepSpeed trainer, its config, data, checkpoints and tools."""

@@ -10,7 +10,7 @@ key (`sit.hiden_size`), one line each, at load time: every number has a range (N
 pass), `deepspeed` keys are checked against the settings the trainer passes through (with a "did you
 mean" for a misspelling), and the model shapes the sections combine into must build. Paths are checked
 by `check_paths` when the run starts. Defaults are REPA-E's
-(spec sec. 8). This file holds no training logic.
+(docs/METHOD.md#the-papers-recipe). This file holds no training logic.
 """
 
 from __future__ import annotations
@@ -224,7 +224,7 @@ class EncoderSection:
 
 @dataclass(frozen=True, kw_only=True)
 class LossSection:
-    """Loss weights (spec sec. 1.3, sec. 4.1) and the LPIPS / discriminator options."""
+    """Loss weights (docs/METHOD.md#loss-weights-and-optimizers) and the LPIPS / discriminator options."""
 
     proj_coeff: float = 0.5
     """REPA loss weight in the SiT loss."""
@@ -247,7 +247,7 @@ class LossSection:
 
 @dataclass(frozen=True, kw_only=True)
 class OptimSection:
-    """AdamW for one model (spec sec. 8: all three the same)."""
+    """AdamW for one model (docs/METHOD.md#loss-weights-and-optimizers: all three the same)."""
 
     lr: float = 1e-4
     """Constant learning rate (no warmup, no schedule)."""

@@ -4,7 +4,8 @@
     images_b3RR, labels_b = source.next_batch()          # this rank's slice of the next global batch
     state = source.state_dict(); ...; source.load_state_dict(state)   # resumes at the very next batch
 
-Holds: the folder scan and labels of the original `preprocessing.py` (spec sec. 7), the ADM `center_crop_arr`,
+Holds: the folder scan and labels of the original `preprocessing.py` (docs/METHOD.md#data-preprocessing), the ADM
+`center_crop_arr`,
 the mode conversion to 8-bit RGB (16-bit PNGs included), the skipping of unreadable files, the label check
 against the model's class count, the world-size-independent batch order, the resumable position, and
 `write_demo_dataset` (a small synthetic set for the CPU demo and the tests, written atomically). Must not hold
@@ -52,7 +53,7 @@ DEFAULT_MAX_BAD_IMAGES = 100
 
 
 # ---------------------------------------------------------------------------------------------------
-# Scan and decode (spec sec. 7: preprocessing.py)
+# Scan and decode (docs/METHOD.md#data-preprocessing: the original's preprocessing.py)
 # ---------------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,5 @@
-"""EMA of a model's parameters and buffers (spec 1.5), updated with foreach ops over lists collected once.
+"""EMA of a model's parameters and buffers (docs/METHOD.md#the-training-step), updated with foreach ops over lists
+collected once.
 
     ema = EMA(sit)                          # fp32 deep copy in ema.module: eval, requires_grad False
     ema.update(sit, decay=0.9999)           # every step, after the SiT optimizer step
@@ -128,7 +129,7 @@ class EMA:
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0:
             raise ValueError(f"EMA.update: decay must be a float in [0, 1], got {decay!r}")
         avg_src, copy_src = self._source_tensors(model)
-        # PERF: two multi-tensor launches per step instead of 2 x ~300 per-tensor kernels (spec 9.3).
+        # PERF: two multi-tensor launches per step instead of 2 x ~300 per-tensor kernels.
         torch._foreach_mul_(self._avg, decay)
         torch._foreach_add_(self._avg, avg_src, alpha=1.0 - decay)
         for e, s in zip(self._copy, copy_src):  # one num_batches_tracked per BN

@@ -1,4 +1,5 @@
-"""Export a run's checkpoint in the official REPA-E layout, plus the E2E-VAE files (spec §1.8).
+"""Export a run's checkpoint in the official REPA-E layout, plus the E2E-VAE files
+(docs/METHOD.md#checkpoint-layout-of-the-original).
 
     python -m repae.train.export --run-dir exps/sitxl-repae [--step 400000] [--out exps/sitxl-repae/export]
 

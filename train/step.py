@@ -1,4 +1,4 @@
-"""One REPA-E training step (spec §1.2-§1.5), written to read like the algorithm.
+"""One REPA-E training step (docs/METHOD.md#the-training-step), written to read like the algorithm.
 
     0  targets   DINOv2 patch tokens of the images (no grad)
     1  VAE       posterior, z, x_hat = VAE(x)

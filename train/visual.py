@@ -4,7 +4,7 @@
     save_loss_plot({"sit/loss": [(1, 0.9), (2, 0.8)]}, "run/losses.png")
 
 Both write `path` atomically (a temp file in the same folder, then os.replace), so a crash or a reader never
-sees half a PNG. Holds: pixel conversion (spec sec. 6.3), grid layout, the loss figure. Must not hold model,
+sees half a PNG. Holds: pixel conversion (docs/METHOD.md#sampling), grid layout, the loss figure. Must not hold model,
 sampling or training code. The grid is drawn here rather than with torchvision's make_grid: the same layout in
 a few lines, tested pixel for pixel, and no torchvision import in the trainer.
 """

@@ -1,4 +1,4 @@
-"""Test-only transcription of the original REPA-E SiT (models/sit.py at 3ad8046, spec §2), loss included.
+"""Test-only transcription of the original REPA-E SiT (models/sit.py at 3ad8046, docs/METHOD.md#sit), loss included.
 
 Written the way the original is: timm PatchEmbed/Attention/Mlp, nn.LayerNorm + modulate, the residual
 adds in the block, nn.BatchNorm2d, the label dropout inside the embedder, and the per-sample Python loop

@@ -1,7 +1,8 @@
-"""PatchGAN discriminator (spec 4.5): parameter count, exact keys, init statistics and RNG order, output shape,
+"""PatchGAN discriminator (docs/METHOD.md#vae-and-gan-losses): parameter count, exact keys, init statistics and RNG
+order, output shape,
 input checks, BatchNorm settings, strict save/reload through model/weights.py.
 
-The reference network is the spec's 12-layer list written out by hand (no loop), initialized in the
+The reference network is the original's 12-layer list written out by hand (no loop), initialized in the
 original's order: PyTorch's default init at construction, then weights_init over main.0 .. main.11. With the
 same seed it must equal ours bitwise. Init statistics are checked with tolerances of >= 6 standard errors
 of the estimate (stated per check). Runtime ~2 s on 2 CPU cores (one 256x256 forward, the rest 64x64).
@@ -20,7 +21,7 @@ from repae.model.discriminator import NLayerDiscriminator, build_discriminator, 
 from repae.model.weights import save_weights
 
 NUM_PARAMS = 2_765_633
-KEYS = {  # state-dict keys and shapes of the original (spec 4.5), in order
+KEYS = {  # state-dict keys and shapes of the original (docs/METHOD.md#vae-and-gan-losses), in order
     "main.0.weight": (64, 3, 4, 4), "main.0.bias": (64,),
     "main.2.weight": (128, 64, 4, 4),
     "main.3.weight": (128,), "main.3.bias": (128,), "main.3.running_mean": (128,), "main.3.running_var": (128,),

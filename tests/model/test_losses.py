@@ -1,4 +1,5 @@
-"""Losses (spec 1.3, 4.2, 4.4) against transcriptions of the original code written here, not imported.
+"""Losses (docs/METHOD.md#loss-weights-and-optimizers, #vae-and-gan-losses) against transcriptions of the original code
+written here, not imported.
 
 Oracles: `original_generator_loss` follows REPA-E's ReconstructionLoss_Single_Stage._forward_generator line by
 line (the discriminator called inside, its params switched to requires_grad=False, fp32 with autocast off),

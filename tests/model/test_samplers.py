@@ -1,4 +1,4 @@
-"""Euler ODE and Euler-Maruyama SDE samplers (spec sec. 6.1/sec. 6.2) on model functions with known answers (CPU)."""
+"""Euler ODE and Euler-Maruyama SDE samplers (docs/METHOD.md#sampling) on model functions with known answers (CPU)."""
 
 import math
 
@@ -146,7 +146,7 @@ def test_score_from_velocity_on_the_exact_path(path_type):
         d_alpha, d_sigma = -math.pi / 2 * sigma, math.pi / 2 * alpha
     x_t, v = alpha * x0 + sigma * eps, d_alpha * x0 + d_sigma * eps
     torch.testing.assert_close(score_from_velocity(v, x_t, t_B, path_type), -eps / sigma, atol=1e-10, rtol=1e-10)
-    if path_type == "linear":  # the spec's simplified form
+    if path_type == "linear":  # the simplified form
         torch.testing.assert_close(score_from_velocity(v, x_t, t_B), (-(1 - t) * v - x_t) / t, atol=1e-12, rtol=0)
 
 

@@ -78,7 +78,7 @@ def test_parameter_counts_match_spec(name, kw, expected):
 
 
 def expected_sit_keys(depth, D, C, p, T, mlp, z_dims, proj=2048, num_classes=1000, qk_norm=False, heads=16):
-    """The state-dict keys and shapes of spec §2.2, in order, written out from the spec."""
+    """The state-dict keys and shapes of docs/METHOD.md#sit, in order, written out by hand."""
     keys = [("pos_embed", (1, T, D)), ("x_embedder.proj.weight", (D, C, p, p)), ("x_embedder.proj.bias", (D,)),
             ("t_embedder.mlp.0.weight", (D, 256)), ("t_embedder.mlp.0.bias", (D,)),
             ("t_embedder.mlp.2.weight", (D, D)), ("t_embedder.mlp.2.bias", (D,)),
@@ -224,7 +224,7 @@ def test_pos_embed_is_mae_2d_sincos():
 
 
 # ---------------------------------------------------------------------------------------------------
-# Parity with the original forward (spec §2.4)
+# Parity with the original forward (docs/METHOD.md#sit)
 # ---------------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""VAE (spec section 3): parameter counts, LDM keys and shapes, strict reloads, posterior math, latents-stats files
+"""VAE (docs/METHOD.md#vae): parameter counts, LDM keys and shapes, strict reloads, posterior math, latents-stats files
 and diffusers files.
 
 The diffusers layout is written out by hand here (`ldm_to_diffusers`, following diffusers' AutoencoderKL
@@ -30,7 +30,8 @@ from repae.model.vae import (
 )
 from repae.model.weights import save_weights
 
-# name -> (ch_mult, E, levels with attention); written from the spec's table, not from VAE_CONFIGS
+# name -> (ch_mult, E, levels with attention); written from the method's table (docs/METHOD.md#vae), not from
+# VAE_CONFIGS
 SPEC = {"f8d4": ((1, 2, 4, 4), 4, ()), "f16d32": ((1, 1, 2, 2, 4), 32, (4,))}
 
 
@@ -61,7 +62,7 @@ def test_parameter_counts_match_spec(name, expected):
 
 
 def expected_ldm_keys(ch_mult, E, attn_levels):
-    """(key prefix -> shape of its weight) for the LDM layout, written out from spec section 3."""
+    """(key prefix -> shape of its weight) for the LDM layout, written out from docs/METHOD.md#vae."""
     ch = [128 * m for m in ch_mult]
     L = len(ch)
     keys = {"encoder.conv_in": (128, 3, 3, 3)}
@@ -106,7 +107,7 @@ def expected_ldm_keys(ch_mult, E, attn_levels):
 
 @pytest.mark.parametrize("name", list(SPEC))
 def test_ldm_keys_and_shapes_match_spec(name):
-    """Every LDM key and weight shape, generated independently from the spec's description."""
+    """Every LDM key and weight shape, generated independently from the description in docs/METHOD.md#vae."""
     ch_mult, E, attn_levels = SPEC[name]
     cfg = VAE_CONFIGS[name]
     assert (cfg.ch_mult, cfg.embed_dim, cfg.factor) == (ch_mult, E, 2 ** (len(ch_mult) - 1))
@@ -122,7 +123,7 @@ def test_ldm_keys_and_shapes_match_spec(name):
     assert ups == list(range(len(ch_mult)))
 
 
-# The LDM key families of spec section 3; every key must match exactly one.
+# The LDM key families of docs/METHOD.md#vae; every key must match exactly one.
 LDM_PATTERNS = {
     "level_resnet": r"(encoder\.down|decoder\.up)\.\d+\.block\.\d+\.(norm1|conv1|norm2|conv2|nin_shortcut)",
     "level_attn": r"(encoder\.down|decoder\.up)\.\d+\.attn\.\d+\.(norm|q|k|v|proj_out)",

@@ -1,4 +1,4 @@
-"""EMA (spec 1.5) against REPA-E's update_ema, transcribed here as the per-tensor loop it is.
+"""EMA (docs/METHOD.md#the-training-step) against REPA-E's update_ema, transcribed here as the per-tensor loop it is.
 
 The foreach update must equal the loop bit for bit (torch.equal) over several steps, for parameters (the
 frozen pos_embed included) and float buffers (BN running stats), with integer buffers copied. Also: decay 0

@@ -1,5 +1,5 @@
 """One REPA-E step through the trainer (real DeepSpeed engines, ZeRO-2, gloo, CPU) against an eager
-single-process reference written from spec §1.2-§1.5 in this file: the transcribed original SiT
+single-process reference written from docs/METHOD.md#the-training-step in this file: the transcribed original SiT
 (tests/model/original_sit.py) with nn.BatchNorm2d and its per-sample loss loop, requires_grad and
 eval()/train() toggles as the original does them, torch AdamW, clip_grad_norm_, and the per-tensor EMA
 loop. Two steps are compared (the second Adam step depends on gradient magnitudes, not only signs).
@@ -32,7 +32,7 @@ LR = 1e-4
 
 
 def reference_step(m, inputs, step, *, proj_coeff=0.5, align_coeff=1.5, train_pos_embed=True):
-    """spec sec. 1.2 rows 0-12 with the original's structure; returns the losses and the SiT grad norm.
+    """docs/METHOD.md#the-training-step with the original's structure; returns the losses and the SiT grad norm.
 
     train_pos_embed=True is the original: requires_grad(model, True) before the SiT update re-enables the
     frozen pos_embed. False is our sit.freeze_pos_embed switch."""
