@@ -88,9 +88,9 @@ def save_image_grid(images_B3HW: torch.Tensor, path: str, nrow: int | None = Non
 # ---------------------------------------------------------------------------------------------------
 
 LOG_SPAN = 100.0
-"""A family whose finite values span more than this ratio (max |v| / min nonzero |v|) is drawn on a log y axis:
-its positive terms on one (e.g. reconstruction, perceptual, KL), its signed ones (the total VAE loss with its
-negative alignment term, the GAN term) on a linear axis of their own, so no term is flattened to a line."""
+"""A family whose positive terms (series with every finite value > 0) span more than this ratio (max / min) is
+drawn with those terms on a log y axis (e.g. reconstruction, perceptual, KL) and its other terms (the total VAE loss
+with its negative alignment term) on a linear axis of their own, so no term is flattened to a line."""
 FAMILY_ORDER = ("sit", "vae", "disc")
 """Panels in the order of the step's phases; other families follow, sorted."""
 
@@ -121,12 +121,12 @@ def plan_panels(history: dict[str, list[tuple[int, float]]]) -> list[Panel]:
     for family in order:
         keys = families[family]
         values = {k: _finite(history[k])[1] for k in keys}
-        nonzero = np.abs(np.concatenate([v[v != 0] for v in values.values()]))
-        if nonzero.size == 0 or nonzero.max() / nonzero.min() <= LOG_SPAN:
-            panels.append(Panel(f"{family} losses", tuple(keys), "linear"))
-            continue
         positive = tuple(k for k in keys if values[k].size and (values[k] > 0).all())
         signed = tuple(k for k in keys if k not in positive)
+        pos = np.concatenate([values[k] for k in positive] or [np.ones(1)])
+        if pos.max() / pos.min() <= LOG_SPAN:  # a signed series near 0 alone never asks for a log axis
+            panels.append(Panel(f"{family} losses", tuple(keys), "linear"))
+            continue
         if signed:
             panels.append(Panel(f"{family} losses" + (", signed terms" if positive else ""), signed, "linear"))
         if positive:
