@@ -149,9 +149,9 @@ def save_loss_plot(history: dict[str, list[tuple[int, float]]], path: str, width
     """One panel per loss family (sit, vae, disc, ...; two where plan_panels splits one), stacked; returns path.
 
     Each series is drawn raw (thin, faint) and, from 10 points on, smoothed (debiased EMA, weight 0.9 from 100
-    points, else 0.6). The y axis is log where a family spans more than LOG_SPAN (plan_panels). NaN/inf points are
-    left out and counted in the legend. The PNG is width x (panels * panel_height) inches at dpi. Returns None
-    (and warns once) when matplotlib is not installed: the run goes on without the figure.
+    points, else 0.6). The y axis is log where a family's positive terms span more than LOG_SPAN (plan_panels).
+    NaN/inf points are left out and counted in the legend. The PNG is width x (panels * panel_height) inches at dpi.
+    Returns None (and warns once) when matplotlib is not installed: the run goes on without the figure.
     """
     if width < 2 or panel_height < 1 or dpi < 10:
         raise ValueError(f"save_loss_plot: width={width} in must be >= 2, panel_height={panel_height} in >= 1, "
