@@ -36,12 +36,6 @@ def _randn(shape, g: torch.Generator, device: str, **kw) -> torch.Tensor:
     return torch.randn(shape, generator=g, device="cpu").to(device, **kw)
 
 
-def meta_flops(build: Callable[[str], tuple[Callable, list[torch.Tensor]]]) -> int:
-    """FLOPs of one call of the closure built on the meta device (repae.model.flops.count_flops)."""
-    fn, _ = build("meta")
-    return count_flops(fn)
-
-
 def _closure(forward: Callable[[], list[torch.Tensor]], mode: str) -> Callable[[], None]:
     """fwd: forward under no_grad; fwd_bwd: forward + backward of fixed random output gradients (1 for a loss)."""
     if mode == "fwd":
@@ -168,5 +162,6 @@ def model_case(provider: str, mode: str, kind: str, width: dict, batch: int, dev
     if provider.startswith("original") and kind != "sit_loss":
         raise ValueError(f"provider {provider!r} exists only for the sit_loss kind")
     fn, leaves = _KINDS[kind](provider, mode, width, batch, device)
-    flops = meta_flops(lambda dev: _KINDS[kind]("eager", mode, width, batch, dev))
+    on_meta, _ = _KINDS[kind]("eager", mode, width, batch, "meta")  # FLOPs counted on meta tensors
+    flops = count_flops(on_meta)
     return BenchFn(fn, 0, [t for t in leaves if t.requires_grad]), flops

@@ -51,10 +51,11 @@ def report(folder: Path) -> str:
     models = sorted({k[1:3] for k in latest if k[0] == "model"})
     if models:
         providers = ("fused", "fused_compile", "eager", "compile", "original", "original_compile")
-        lines += ["", "## Whole models (bf16 autocast; TFLOP/s from FLOPs counted on meta; MFU vs 989 TFLOP/s)", "",
-                  "Providers: ours fused (Triton kernels), fused+compile, ours eager, torch.compile of eager, and for "
-                  "the",
-                  "loss pass the original SiT (a transcription with its per-sample REPA loop), eager and compiled.", "",
+        lines += ["", "## Whole models (bf16 autocast; TFLOP/s from FLOPs counted on meta; MFU vs the GPU's bf16 peak)",
+                  "",
+                  "Providers: ours fused (Triton kernels), fused+compile, ours eager, torch.compile of eager, and for",
+                  "the loss pass the original SiT (a transcription with its per-sample REPA loop), eager and compiled.",
+                  "",
                   "| case | mode | " + " | ".join(f"{p} ms" for p in providers) + " | fused TFLOP/s | fused MFU | "
                   "vs eager | vs compile | vs original compiled |",
                   "|" + "---|" * (len(providers) + 7)]

@@ -436,8 +436,7 @@ def load_vae_weights(vae: AutoencoderKL, path: str | os.PathLike, *, key: str | 
                      strict: bool = True) -> AutoencoderKL:
     """Load an LDM-format (`.pt` / `.safetensors`, or a checkpoint's `vae` entry with key="vae") or a
     diffusers-format file into `vae`, strictly by default (docs/METHOD.md#bugs-of-the-original-code, item 5: the
-    original's strict=False
-    silently left the VAE random on a diffusers file)."""
+    original's strict=False silently left the VAE random on a diffusers file)."""
     return load_weights(vae, path, key=key, strict=strict, remap=_ldm_layout, what="VAE weight file")
 
 

@@ -7,10 +7,9 @@
 
 The released REPA-E checkpoints hold an `argparse.Namespace` under `args`; `torch.load` with
 `weights_only=True` refuses it, so exactly that class is allowed (docs/METHOD.md#bugs-of-the-original-code, item 12),
-nothing else.
-Loading is strict by default: a mismatch raises one ValueError naming every missing and unexpected
-key and every shape that differs, never a silently half-loaded model (docs/METHOD.md#bugs-of-the-original-code, item 5).
-This file must not hold model code or key remaps (those live beside their models).
+nothing else. Loading is strict by default: a mismatch raises one ValueError naming every missing and unexpected key and
+every shape that differs, never a silently half-loaded model (docs/METHOD.md#bugs-of-the-original-code, item 5). This
+file must not hold model code or key remaps (those live beside their models).
 """
 
 from __future__ import annotations

@@ -5,12 +5,11 @@
     state = source.state_dict(); ...; source.load_state_dict(state)   # resumes at the very next batch
 
 Holds: the folder scan and labels of the original `preprocessing.py` (docs/METHOD.md#data-preprocessing), the ADM
-`center_crop_arr`,
-the mode conversion to 8-bit RGB (16-bit PNGs included), the skipping of unreadable files, the label check
-against the model's class count, the world-size-independent batch order, the resumable position, and
+`center_crop_arr`, the mode conversion to 8-bit RGB (16-bit PNGs included), the skipping of unreadable files, the label
+check against the model's class count, the world-size-independent batch order, the resumable position, and
 `write_demo_dataset` (a small synthetic set for the CPU demo and the tests, written atomically). Must not hold
-augmentation (REPA-E has none), VAE/latent code or anything of the train step: a GPU (DALI) source replaces
-this file behind the same interface.
+augmentation (REPA-E has none), VAE/latent code or anything of the train step: a GPU (DALI) source replaces this file
+behind the same interface.
 
 Batch order: epoch e permutes all N images with `torch.Generator().manual_seed(seed + e)`; global batch k
 is perm[k*G:(k+1)*G] (the last partial batch dropped), and rank r takes the contiguous slice

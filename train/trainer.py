@@ -45,8 +45,6 @@ from .sync_bn import sync_batchnorm_
 ENGINES = ("sit", "vae", "disc")
 
 
-
-
 def estimate_flops_per_image(cfg: TrainConfig) -> float:
     """Training FLOPs per image of the SiT and the VAE (matmuls, convs, attention; counted on the meta
     device): SiT pass 3x forward, align pass ~2x forward of the blocks up to the projector, VAE 3x forward.

@@ -1,6 +1,5 @@
 """PatchGAN discriminator (docs/METHOD.md#vae-and-gan-losses): parameter count, exact keys, init statistics and RNG
-order, output shape,
-input checks, BatchNorm settings, strict save/reload through model/weights.py.
+order, output shape, input checks, BatchNorm settings, strict save/reload through model/weights.py.
 
 The reference network is the original's 12-layer list written out by hand (no loop), initialized in the
 original's order: PyTorch's default init at construction, then weights_init over main.0 .. main.11. With the
@@ -16,7 +15,6 @@ import pytest
 import torch
 from torch import nn
 
-import repae.model  # noqa: F401
 from repae.model.discriminator import NLayerDiscriminator, build_discriminator, weights_init
 from repae.model.weights import save_weights
 

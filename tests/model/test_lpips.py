@@ -1,6 +1,6 @@
 """LPIPS (docs/METHOD.md#vae-and-gan-losses): parity with the `lpips` package, the double-rescale flag, fp32 under
-autocast, gradients,
-frozen eval-only module, the shipped linear heads (md5) and the local VGG16 trunk file (layout, search, errors).
+autocast, gradients, frozen eval-only module, the shipped linear heads (md5) and the local VGG16 trunk file (layout,
+search, errors).
 
 Oracle: `lpips.LPIPS(net="vgg", pnet_rand=True)` (the reference implementation; its trunk is torchvision's
 vgg16().features and its heads the same vgg.pth) with our random trunk copied in. The math is the same ops in
