@@ -10,7 +10,7 @@ residual stream, as training does. FLOPs are counted by torch.utils.flop_counter
 tests/test_bench_builders.py runs these builders at small sizes on CPU.
 """
 
-# B batch, T tokens, D hidden, C latent channels
+# B batch, T tokens, D hidden, N encoder tokens, E encoder width, C latent channels, H, W latent side, R image side
 
 from __future__ import annotations
 
@@ -74,22 +74,31 @@ def _sit_block(provider: str, mode: str, width: dict, batch: int, device: str):
     return _closure(forward, mode), [x, c, *block.parameters()]
 
 
-def _sit(provider: str, mode: str, width: dict, batch: int, device: str):
+def _build_sit(provider: str, width: dict, device: str):
+    """Our SiT in train mode, on the Triton kernels for the fused providers, else on the eager ones."""
     backend = "triton" if provider.startswith("fused") else "eager"
     with torch.device(device):
-        model = build_sit(width["model"], **width.get("overrides", {}), kernel_backend=backend).train()
-    cfg = model.config
-    g = torch.Generator().manual_seed(0)
-    s, C = cfg.input_size, cfg.in_channels
-    z, noise = _randn((batch, C, s, s), g, device), _randn((batch, C, s, s), g, device)
-    t = torch.rand(batch, generator=g).to(device)
-    y = torch.randint(0, cfg.num_classes, (batch,), generator=g).to(device)
-    drop = (torch.rand(batch, generator=g) < cfg.class_dropout_prob).to(device)
+        return build_sit(width["model"], **width.get("overrides", {}), kernel_backend=backend).train()
+
+
+def _sit_inputs(cfg, batch: int, g: torch.Generator, device: str) -> tuple[torch.Tensor, ...]:
+    """One SiT batch drawn from g in this order: latents and noise (B, C, H, W), t, labels, label-drop mask (B,)."""
+    B, C, H, W = batch, cfg.in_channels, cfg.input_size, cfg.input_size
+    z_BCHW, noise_BCHW = _randn((B, C, H, W), g, device), _randn((B, C, H, W), g, device)
+    t_B = torch.rand(B, generator=g).to(device)
+    y_B = torch.randint(0, cfg.num_classes, (B,), generator=g).to(device)
+    drop_B = (torch.rand(B, generator=g) < cfg.class_dropout_prob).to(device)
+    return z_BCHW, noise_BCHW, t_B, y_B, drop_B
+
+
+def _sit(provider: str, mode: str, width: dict, batch: int, device: str):
+    model = _build_sit(provider, width, device)
+    z_BCHW, noise_BCHW, t_B, y_B, drop_B = _sit_inputs(model.config, batch, torch.Generator().manual_seed(0), device)
     fn = torch.compile(model) if provider.endswith("compile") else model
 
     def forward():
         with _autocast(device):
-            out = fn(z, y, t, noise, drop_mask_B=drop)
+            out = fn(z_BCHW, y_B, t_B, noise_BCHW, drop_mask_B=drop_B)
             return [out.v_pred, *out.zs_tilde]
 
     return _closure(forward, mode), list(model.parameters())
@@ -102,9 +111,7 @@ def _sit_loss(provider: str, mode: str, width: dict, batch: int, device: str):
     from repae.model.losses import denoising_loss, projection_loss
 
     original = provider.startswith("original")
-    backend = "triton" if provider.startswith("fused") else "eager"
-    with torch.device(device):
-        model = build_sit(width["model"], **width.get("overrides", {}), kernel_backend=backend).train()
+    model = _build_sit(provider, width, device)
     cfg = model.config
     if original:
         from original_sit import OriginalSiT
@@ -116,21 +123,18 @@ def _sit_loss(provider: str, mode: str, width: dict, batch: int, device: str):
         orig.load_state_dict(model.state_dict())
         model = orig.train()
     g = torch.Generator().manual_seed(0)
-    s, C = cfg.input_size, cfg.in_channels
-    z, noise = _randn((batch, C, s, s), g, device), _randn((batch, C, s, s), g, device)
-    t = torch.rand(batch, generator=g).to(device)
-    y = torch.randint(0, cfg.num_classes, (batch,), generator=g).to(device)
-    drop = (torch.rand(batch, generator=g) < cfg.class_dropout_prob).to(device)
-    zs = [_randn((batch, (s // cfg.patch_size) ** 2, e), g, device) for e in cfg.z_dims]
+    z_BCHW, noise_BCHW, t_B, y_B, drop_B = _sit_inputs(cfg, batch, g, device)
+    N = (cfg.input_size // cfg.patch_size) ** 2  # encoder tokens, one per SiT token
+    zs_BNE = [_randn((batch, N, E), g, device) for E in cfg.z_dims]  # frozen encoder features, one per z_dim
     fn = torch.compile(model) if provider.endswith("compile") else model
 
     def forward():
         with _autocast(device):
             if original:
-                out = fn(z, y, zs, t.view(-1, 1, 1, 1), noise, force_drop_ids=drop.long())
+                out = fn(z_BCHW, y_B, zs_BNE, t_B.view(-1, 1, 1, 1), noise_BCHW, force_drop_ids=drop_B.long())
                 return [out["denoising_loss"].mean() + 0.5 * out["proj_loss"]]
-            out = fn(z, y, t, noise, drop_mask_B=drop)
-            return [denoising_loss(out.v_pred, out.v_target) + 0.5 * projection_loss(out.zs_tilde, zs)]
+            out = fn(z_BCHW, y_B, t_B, noise_BCHW, drop_mask_B=drop_B)
+            return [denoising_loss(out.v_pred, out.v_target) + 0.5 * projection_loss(out.zs_tilde, zs_BNE)]
 
     return _closure(forward, mode), list(model.parameters())
 
