@@ -19,9 +19,8 @@ BATCH = 32
 def test_bench_train_step(kernel_backend, record, tmp_path):
     if importlib.util.find_spec("lpips") is None:
         pytest.skip("the trainer's LPIPS heads ship with the lpips package: carry its wheel (scripts/gpu_wheels.sh)")
-    from step_inputs import synthetic_inputs
-
     from repae.train.config import load_config
+    from repae.train.draws import synthetic_inputs
     from repae.train.trainer import Trainer
 
     use_ds = importlib.util.find_spec("deepspeed") is not None

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-from repae.train.step import PlainEngine
+from repae.train.engine import PlainEngine
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny_cpu.json"
@@ -211,7 +211,7 @@ def worker(args) -> None:
         values = dict(zip(keys, (vec / world).tolist()))
         norms = {}
         for name, engine in trainer.engines.items():
-            norm = engine.get_global_grad_norm()
+            norm = engine.grad_norm()
             norms[name] = None if norm is None else float(norm)
         if rank == 0:
             records.append({"step": step, "logs": values, "grad_norm": norms, "batch_sha256": digest})

@@ -22,36 +22,36 @@ What this file guarantees:
   one falls back to the newest complete older one, with a line naming the file and the reason; none usable is
   one line and the run stops. A checkpoint whose state is not finite is resumed (it is what `latest` names) with
   a warning naming the newest finite one (write its name into `latest` to resume from it instead).
-- Config on resume (check_resume): another model (MODEL_KEYS) or engine layout (ENGINE_KEYS) is refused naming
-  the key; new optimizer settings (OPTIM_KEYS) are applied to the loaded optimizers and logged old -> new;
-  another world size resumes at ZeRO stage 0 or without DeepSpeed (whole optimizer on every rank; the step math
-  does not depend on the world size) and is refused at ZeRO 1/2 (optimizer states partitioned per rank).
+- Config on resume: train/resume.py (another model or engine layout refused, optimizer settings applied).
 - Writing: into .tmp-stepN through file objects (fsync'd), then rename and `latest`. A write error on any rank
   (all ranks agree on it, so none waits forever) removes the temp folder and keeps the previous checkpoint and
   `latest`; a full disk says "disk full while writing <path>". Stale temp folders are removed at start-up.
 - Pruning: the keep_last newest, plus the newest finite one while all kept ones are non-finite; folders newer
   than the one just written (left from a timeline abandoned by a fallback) are removed. Deleting a symlink
   removes the link, never what it points to.
-This file holds no training logic: the trainer hands in its engines and its state dict.
+This file owns the layout; single files are read and written by train/checkpoint_io.py, each engine writes and
+reads its own part (train/engine.py), and the trainer hands in its engines and its state dict.
 """
 
 from __future__ import annotations
 
-import collections
-import errno
-import functools
 import os
-import pickle
 import re
-import shutil
-import struct
-import zipfile
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 
-from .step import PlainEngine
+from .checkpoint_io import (
+    CheckpointError,
+    DiskFullError,
+    check_plain,
+    failure_text,
+    fsync_dir,
+    load_file,
+    remove_tree,
+    save_file,
+)
+from .distributed import barrier, first_failure
 
 CKPT_DIR = "checkpoints"
 LATEST = "latest"
@@ -60,25 +60,6 @@ TRAINER_FILE = "trainer.pt"
 MODEL_STATES = "mp_rank_00_model_states.pt"
 STEP_RE = re.compile(r"step([0-9]{7,})")
 TRAINER_KEYS = ("step", "ema", "random", "data", "nan_counts", "nan_total", "history", "config", "world_size")
-# Config keys whose change means another model (other parameter shapes or meaning): refused on resume.
-# sit.freeze_pos_embed changes which parameters the SiT optimizer holds.
-MODEL_KEYS = ("sit.name", "sit.overrides", "sit.encoder_depth", "sit.projector_dim", "sit.num_classes", "sit.qk_norm",
-              "sit.freeze_pos_embed", "vae.name", "vae.overrides", "encoder.enc_type", "data.resolution")
-# DeepSpeed settings that change the optimizer's file layout (defaults as DeepSpeed reads them): refused.
-ENGINE_KEYS = {"deepspeed.zero_optimization.stage": 0, "deepspeed.bf16.enabled": False,
-               "deepspeed.fp16.enabled": False}
-# AdamW settings applied to the loaded optimizer param groups (torch's load_state_dict restores the old ones).
-OPTIM_KEYS = ("lr", "betas", "eps", "weight_decay")
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used or written; one line naming the file, rank or key (a ValueError, so the
-    entry point prints it as one line)."""
-
-
-class DiskFullError(CheckpointError):
-    """No space left (or quota exceeded) while writing a checkpoint; the partial folder is already removed."""
 
 
 def step_name(step: int) -> str:
@@ -87,156 +68,6 @@ def step_name(step: int) -> str:
 
 def _step_of(name: str) -> int:
     return int(STEP_RE.fullmatch(name).group(1))
-
-
-def _one_line(err: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    return ascii(text[:limit])[1:-1]
-
-
-# ---------------------------------------------------------------------------------------------------
-# Reading and writing one file
-# ---------------------------------------------------------------------------------------------------
-
-
-@functools.cache
-def safe_globals() -> tuple:
-    """The classes beyond torch's weights-only defaults that our files pickle: DeepSpeed's ZeRO optimizer state
-    holds its loss scaler, ZeroStageEnum and tensor-fragment addresses (found with pickletools on stage 0/1/2
-    checkpoints; fp16 mode uses DynamicLossScaler). Unpickling them builds plain objects and runs nothing else."""
-    try:
-        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-        from deepspeed.utils.tensor_fragment import fragment_address
-    except ImportError:  # no DeepSpeed: PlainEngine checkpoints need none of them
-        return ()
-    return (LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address)
-
-
-def _load_reason(err: Exception) -> str:
-    text = str(err)
-    if (m := re.search(r"GLOBAL ([\w.]+)", text)) is not None:
-        return (f"refused: it pickles {m.group(1)}, which weights-only loading does not allow (nothing was run; "
-                f"this trainer never writes it)")
-    if "central directory" in text or "PytorchStreamReader" in text:
-        return "truncated or not a torch file (its zip archive is incomplete)"
-    # struct.error / "unexpected EOF": a legacy-format file cut inside a record / inside its tensor data
-    if isinstance(err, (EOFError, struct.error)) or "unexpected EOF" in text:
-        return "truncated (unexpected end of file)"
-    if (m := re.search(r"Unsupported operand \d+", text)) is not None:
-        return f"not a torch checkpoint file ({m.group(0)})"
-    return f"unreadable ({type(err).__name__}: {_one_line(err)})"
-
-
-ZIP_HEADER = b"PK\x03\x04"
-"""First bytes of torch's (zip) format; the legacy format starts with the pickled torch magic number."""
-LEGACY_HEADER = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)
-
-
-def load_file(path: str, *, map_location="cpu", mmap: bool = False):
-    """torch.load(weights_only=True) with safe_globals() allowed; CheckpointError '<path>: <reason>' otherwise.
-    mmap=True maps the tensors instead of reading them (validation: the pickle is checked, the data not read)."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: missing")
-    if os.path.getsize(path) == 0:
-        raise CheckpointError(f"{path}: empty file (0 bytes)")
-    with open(path, "rb") as f:
-        head = f.read(len(LEGACY_HEADER))
-    is_zip = zipfile.is_zipfile(path)
-    if not is_zip and (head.startswith(ZIP_HEADER) or ZIP_HEADER.startswith(head)):
-        raise CheckpointError(f"{path}: truncated (its zip archive is incomplete)")
-    if len(head) < len(LEGACY_HEADER) and LEGACY_HEADER.startswith(head):
-        raise CheckpointError(f"{path}: truncated (cut inside the legacy format's header)")
-    if not is_zip and not head.startswith(LEGACY_HEADER):  # what any unpickler would make of it is noise
-        raise CheckpointError(f"{path}: not a torch checkpoint file (starts with {head[:8]!r}, neither torch's zip "
-                              f"format nor its legacy one)")
-    mmap = mmap and is_zip  # the legacy (non-zip) format cannot be mapped
-    with torch.serialization.safe_globals(list(safe_globals())):
-        try:
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-        except Exception as err:  # noqa: BLE001 - every failure becomes one line naming the file
-            raise CheckpointError(f"{path}: {_load_reason(err)}") from err
-
-
-def _check_plain(obj, where: str) -> None:
-    """Assert that obj is made of what weights-only loading reads back (a bug guard for what the trainer saves)."""
-    if isinstance(obj, (torch.Tensor, torch.Size, int, float, bool, str, type(None))):
-        return
-    if type(obj) in (dict, collections.OrderedDict):
-        for k, v in obj.items():
-            _check_plain(k, where)
-            _check_plain(v, f"{where}.{k}")
-        return
-    if type(obj) in (list, tuple):
-        for i, v in enumerate(obj):
-            _check_plain(v, f"{where}[{i}]")
-        return
-    raise TypeError(f"{where} is a {type(obj).__name__}: checkpoints hold only tensors, dicts, lists, numbers and "
-                    f"strings (weights-only loadable)")
-
-
-def save_file(obj, path: str, *, zip_format: bool = True) -> None:
-    """torch.save through a file object (so a full disk is OSError ENOSPC, not torch's 'unexpected pos'), fsync'd.
-    Raises DiskFullError naming the path on ENOSPC/EDQUOT, other OSErrors as they are."""
-    try:
-        with open(path, "wb") as f:
-            torch.save(obj, f, _use_new_zipfile_serialization=zip_format)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as err:
-        if err.errno in DISK_FULL:
-            raise DiskFullError(f"disk full while writing {path} ({os.strerror(err.errno)})") from err
-        raise
-
-
-class SafeCheckpointEngine:
-    """DeepSpeed's checkpoint engine with our reader and writer; everything else is the engine it wraps.
-
-    load() is load_file (weights_only + safe_globals). save() keeps a failure instead of raising it, so that this
-    rank still reaches DeepSpeed's barriers; the caller reads `failure` after engine.save_checkpoint."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.failure: str | None = None
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def load(self, path: str, map_location=None):
-        return load_file(path, map_location=map_location)
-
-    def save(self, state_dict, path: str):
-        if self.failure is not None:
-            return  # this save already failed: write nothing more, only keep step with the other ranks
-        try:
-            save_file(state_dict, path, zip_format=getattr(self.inner, "zipfile_serialization", True))
-        except (OSError, CheckpointError) as err:
-            self.failure = _failure_text(path, err)
-
-
-def safe_engine(engine) -> SafeCheckpointEngine:
-    """Install (once) and return the SafeCheckpointEngine of a DeepSpeed engine."""
-    current = engine.checkpoint_engine
-    if isinstance(current, SafeCheckpointEngine):
-        return current
-    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
-
-    if type(current) is not TorchCheckpointEngine:
-        raise CheckpointError(f"DeepSpeed checkpoint engine {type(current).__name__} is not supported (config key "
-                              f"deepspeed.checkpoint): only the default torch engine, which we load weights-only")
-    if engine.load_universal_checkpoint():
-        raise CheckpointError("config key deepspeed.checkpoint.load_universal is not supported: DeepSpeed reads "
-                              "universal checkpoints with torch.load(weights_only=False)")
-    engine.checkpoint_engine = SafeCheckpointEngine(current)
-    return engine.checkpoint_engine
-
-
-def _failure_text(path: str, err: BaseException) -> str:
-    if isinstance(err, OSError) and err.errno in DISK_FULL:
-        return f"disk full while writing {path} ({os.strerror(err.errno)})"
-    if isinstance(err, CheckpointError):
-        return str(err)
-    return f"could not write {path} ({type(err).__name__}: {_one_line(err)})"
 
 
 def all_finite(modules) -> bool:
@@ -249,15 +80,6 @@ def all_finite(modules) -> bool:
 # ---------------------------------------------------------------------------------------------------
 # Folder operations that never follow a symlink
 # ---------------------------------------------------------------------------------------------------
-
-
-def remove_tree(path: str) -> None:
-    """Remove a folder, file or symlink at path; a symlink is unlinked, never followed (rmtree does not follow
-    the links inside a folder either)."""
-    if os.path.islink(path) or os.path.isfile(path):
-        os.unlink(path)
-    elif os.path.isdir(path):
-        shutil.rmtree(path)
 
 
 def remove_stale_temps(root: str) -> list[str]:
@@ -277,13 +99,6 @@ def step_folders(root: str) -> list[str]:
     return sorted((n for n in os.listdir(root) if STEP_RE.fullmatch(n)), key=_step_of)
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def write_latest(root: str, name: str) -> None:
     """Point `latest` at name atomically; a file or symlink planted at latest.tmp is removed, not written through."""
@@ -295,8 +110,7 @@ def write_latest(root: str, name: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, os.path.join(root, LATEST))  # replaces a symlink `latest` itself, never its target
-    _fsync_dir(root)
-
+    fsync_dir(root)
 
 # ---------------------------------------------------------------------------------------------------
 # Validation and the choice of the checkpoint to resume
@@ -319,7 +133,8 @@ class CheckpointInfo:
 
 
 def engine_kinds(engines: dict) -> dict[str, str]:
-    return {k: "plain" if isinstance(e, PlainEngine) else "deepspeed" for k, e in engines.items()}
+    """Each engine's kind ('plain' or 'deepspeed'): which files validate() expects for it."""
+    return {k: e.kind for k, e in engines.items()}
 
 
 def kinds_on_disk(path: str, names=("sit", "vae", "disc")) -> dict[str, str]:
@@ -463,127 +278,6 @@ def _finite_on_disk(root: str, name: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Config on resume
-# ---------------------------------------------------------------------------------------------------
-
-
-_MISSING = "(not in the checkpoint's config)"
-
-
-def _ranks(n: int) -> str:
-    return f"{n} rank" if n == 1 else f"{n} ranks"
-
-
-def _has(d: dict, dotted: str) -> bool:
-    for part in dotted.split("."):
-        if not isinstance(d, dict) or part not in d:
-            return False
-        d = d[part]
-    return True
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
-    return out
-
-
-def check_resume(info: CheckpointInfo, config: dict, world: int) -> list[str]:
-    """Refuse what cannot resume (another model, engine layout, or world size at ZeRO 1/2), naming the key; return
-    one line per other config difference (the optimizer ones are applied by apply_optimizer_settings)."""
-    old, new = _flatten(info.config), _flatten(config)
-    known = [m for m in MODEL_KEYS if _has(info.config, m)]  # a field newer than the checkpoint: the load decides
-    for key in sorted(set(old) | set(new)):
-        if any(key == m or key.startswith(m + ".") for m in known) and old.get(key) != new.get(key):
-            raise CheckpointError(f"config key {key}={new.get(key)!r} differs from {old.get(key, _MISSING)!r} in "
-                                  f"{info.path}: the checkpoint holds another model (resume with the same value, or "
-                                  f"start a new logging.run_dir)")
-    for key, default in ENGINE_KEYS.items():
-        if old.get(key, default) != new.get(key, default):
-            raise CheckpointError(f"config key {key}={new.get(key, default)!r} differs from {old.get(key, default)!r} "
-                                  f"in {info.path}: DeepSpeed stores the optimizer in another layout (resume with "
-                                  f"the same value)")
-    for key, dp in info.partitioned.items():
-        if dp != world:
-            raise CheckpointError(f"{info.path} was written by {_ranks(dp)} with ZeRO stage "
-                                  f"{old.get('deepspeed.zero_optimization.stage')}, which partitions the {key} "
-                                  f"optimizer states per rank; this run has {_ranks(world)}: resume with "
-                                  f"{_ranks(dp)} (ZeRO stage 0 checkpoints resume at any world size)")
-    notes = [f"{k}: {old.get(k, _MISSING)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-             if old.get(k, _MISSING) != new.get(k, _MISSING) and not k.startswith("optim_")]
-    if info.world_size != world:
-        notes.append(f"world size: {info.world_size} -> {world} (the step's draws and data order are global; "
-                     f"ranks without an rng_rank file keep their fresh torch RNG state)")
-    return notes
-
-
-def apply_optimizer_settings(engines: dict, sections: dict, old_config: dict) -> list[str]:
-    """Set lr, betas, eps, weight_decay and grad_clip of the config on the loaded optimizers (loading restores the
-    checkpoint's, ZeRO's clip value included); one line per value that changed, old -> new."""
-    notes = []
-    for key, engine in engines.items():
-        section, old = sections[key], old_config.get(f"optim_{key}", {})
-        opt = engine.optimizer
-        inner = getattr(opt, "optimizer", opt)  # the torch AdamW inside DeepSpeed's ZeRO / bf16 wrappers
-        for name in OPTIM_KEYS:
-            value = getattr(section, name)
-            for group in inner.param_groups:
-                group[name] = tuple(value) if isinstance(value, (tuple, list)) else value
-        if isinstance(engine, PlainEngine):
-            engine.grad_clip = section.grad_clip
-        elif hasattr(opt, "clip_grad"):
-            opt.clip_grad = section.grad_clip
-        for name in (*OPTIM_KEYS, "grad_clip"):
-            before, now = old.get(name, _MISSING), getattr(section, name)
-            if (tuple(before) if isinstance(before, (list, tuple)) else before) != now:
-                notes.append(f"optim_{key}.{name}: {before!r} -> {now!r} (applied to the loaded optimizer)")
-    return notes
-
-
-# ---------------------------------------------------------------------------------------------------
-# Collective helpers: every rank reaches the same decision, so none waits in a barrier forever
-# ---------------------------------------------------------------------------------------------------
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def _agree(failure: str | None, device: torch.device) -> str | None:
-    """The first failure of any rank (None: every rank succeeded)."""
-    if _world() == 1:
-        return failure
-    flag = torch.tensor([0.0 if failure is None else 1.0], device=device)
-    dist.all_reduce(flag)
-    if float(flag) == 0:
-        return None
-    texts = [None] * _world()
-    dist.all_gather_object(texts, failure)
-    return next((f"{t} (rank {r})" for r, t in enumerate(texts) if t is not None), None)
-
-
-def on_rank0(fn, device: torch.device):
-    """fn() on rank 0, its result (or its CheckpointError) on every rank."""
-    result, error = None, None
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        try:
-            result = fn()
-        except CheckpointError as err:
-            error = str(err)
-    if _world() > 1:
-        box = [result, error]
-        dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
-        result, error = box
-    if error is not None:
-        raise CheckpointError(error)
-    return result
-
-
-# ---------------------------------------------------------------------------------------------------
 # Save, load, prune
 # ---------------------------------------------------------------------------------------------------
 
@@ -602,61 +296,47 @@ def save(root: str, step: int, engines: dict, trainer_state: dict | None, *, ran
             remove_stale_temps(root)
             os.makedirs(tmp)
         except OSError as err:
-            failure = _failure_text(tmp, err)
-    if (failure := _agree(failure, device)) is not None:
+            failure = failure_text(tmp, err)
+    if (failure := first_failure(failure, device)) is not None:
         raise (DiskFullError if failure.startswith("disk full") else CheckpointError)(failure)
 
     def write(obj, path):
         nonlocal failure
         if failure is None:
             try:
-                _check_plain(obj, os.path.basename(path))
+                check_plain(obj, os.path.basename(path))
                 save_file(obj, path)
-            except (OSError, CheckpointError, TypeError) as err:  # TypeError: _check_plain
-                failure = _failure_text(path, err)
+            except (OSError, CheckpointError, TypeError) as err:  # TypeError: check_plain
+                failure = failure_text(path, err)
 
     for key, engine in engines.items():
-        if isinstance(engine, PlainEngine):
-            if rank == 0:
-                write({"module": engine.module.state_dict(), "optimizer": engine.optimizer.state_dict()},
-                      os.path.join(tmp, f"{key}.pt"))
-            continue
-        writer = safe_engine(engine)
-        writer.failure = failure  # after a failure, DeepSpeed only keeps step with the other ranks
-        try:
-            engine.save_checkpoint(tmp, tag=key, save_latest=False)
-        except OSError as err:  # outside its checkpoint engine (the recovery scripts it copies)
-            failure = failure or _failure_text(os.path.join(tmp, key), err)
-        failure = failure or writer.failure
-        writer.failure = None
+        failure = engine.save(tmp, key, rank=rank, failure=failure)
     rng = {"torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
     write(rng, os.path.join(tmp, f"rng_rank{rank}.pt"))
     if rank == 0:
         write(trainer_state, os.path.join(tmp, TRAINER_FILE))
-    if (failure := _agree(failure, device)) is None and rank == 0:
+    if (failure := first_failure(failure, device)) is None and rank == 0:
         try:
             remove_tree(final)  # an older folder of this name, or a file / symlink planted here
             os.replace(tmp, final)
-            _fsync_dir(root)
+            fsync_dir(root)
             write_latest(root, name)
         except OSError as err:
-            failure = _failure_text(os.path.join(root, LATEST), err)
-    failure = _agree(failure, device)
+            failure = failure_text(os.path.join(root, LATEST), err)
+    failure = first_failure(failure, device)
     if failure is not None:
         if rank == 0:
             remove_tree(tmp)
             remove_tree(os.path.join(root, LATEST + ".tmp"))
         kept = f"kept {previous} ({open(previous).read().strip()})" if os.path.isfile(previous) else "no earlier one"
-        if dist.is_initialized():
-            dist.barrier()
+        barrier()
         raise (DiskFullError if failure.startswith("disk full") else CheckpointError)(
             f"{failure}: removed the partial {tmp}, {kept}")
     if rank == 0:
         for line in prune(root, keep_last, name, finite=bool(trainer_state.get("finite", True))):
             log(line)
-    if dist.is_initialized():
-        dist.barrier()
+    barrier()
     return final
 
 
@@ -684,23 +364,13 @@ def prune(root: str, keep_last: int, current: str, *, finite: bool) -> list[str]
 def load_engines(path: str, engines: dict, device: torch.device) -> None:
     """Load every engine's weights and optimizer from a validated checkpoint (weights-only, DeepSpeed's files too)."""
     for key, engine in engines.items():
-        where = os.path.join(path, f"{key}.pt" if isinstance(engine, PlainEngine) else key)
-        try:
-            if isinstance(engine, PlainEngine):
-                state = load_file(where, map_location=device)
-                engine.module.load_state_dict(state["module"])
-                engine.optimizer.load_state_dict(state["optimizer"])
-                continue
-            safe_engine(engine)
-            loaded, _ = engine.load_checkpoint(path, tag=key, load_optimizer_states=True,
-                                               load_lr_scheduler_states=False)
-        except CheckpointError:
-            raise
-        except Exception as err:  # noqa: BLE001 - DeepSpeed's asserts and state-dict mismatches, as one line
-            raise CheckpointError(f"{where}: could not be loaded into the {key} engine ({type(err).__name__}: "
-                                  f"{_one_line(err)})") from err
-        if loaded is None:
-            raise CheckpointError(f"{where}: DeepSpeed found no model states to load")
+        engine.load(path, key, device)
+
+
+def engine_weights(path: str, key: str, kind: str) -> dict:
+    """One engine's module state dict from a validated checkpoint folder, read weights-only (export)."""
+    file = os.path.join(path, f"{key}.pt") if kind == "plain" else os.path.join(path, key, MODEL_STATES)
+    return load_file(file)["module"]
 
 
 def load_state(path: str, rank: int) -> tuple[dict, dict | None]:

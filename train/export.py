@@ -28,13 +28,6 @@ from repae.model.weights import save_weights
 from . import checkpoint as ckpt
 
 
-def _engine_weights(ckpt_dir: str, tag: str, kind: str) -> dict:
-    """An engine's weights from a validated checkpoint, read weights-only (train/checkpoint.py)."""
-    if kind == "plain":  # PlainEngine checkpoints
-        return ckpt.load_file(os.path.join(ckpt_dir, f"{tag}.pt"))["module"]
-    return ckpt.load_file(os.path.join(ckpt_dir, tag, ckpt.MODEL_STATES))["module"]
-
-
 def official_args(config: dict) -> dict:
     """REPA-E's argument names for our config, plus the SiT constructor names our builders read."""
     sit, vae, sched = config["sit"], config["vae"], config["schedule"]
@@ -60,10 +53,9 @@ def export_run(run_dir: str, out: str, step: int | None = None) -> str:
     state = ckpt.load_file(os.path.join(path, ckpt.TRAINER_FILE))
     steps, ema = state["step"], state["ema"]
     args = official_args(state["config"])
-    official = {"model": _engine_weights(path, "sit", kinds["sit"]), "ema": ema,
-                "vae": _engine_weights(path, "vae", kinds["vae"]),
-                "discriminator": _engine_weights(path, "disc", kinds["disc"]), "opt": {}, "opt_vae": {}, "opt_disc": {},
-                "args": args, "steps": steps}
+    weights = {key: ckpt.engine_weights(path, key, kind) for key, kind in kinds.items()}
+    official = {"model": weights["sit"], "ema": ema, "vae": weights["vae"], "discriminator": weights["disc"],
+                "opt": {}, "opt_vae": {}, "opt_disc": {}, "args": args, "steps": steps}
     os.makedirs(os.path.join(out, "checkpoints"), exist_ok=True)
     save_weights(official, os.path.join(out, "checkpoints", f"{steps:07d}.pt"))
     with open(os.path.join(out, "args.json"), "w") as f:

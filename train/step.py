@@ -8,8 +8,8 @@
     4  SiT       velocity MSE + 0.5 * REPA on sg(z) (same t and eps, BN batch stats, label dropout), SiT update
     5  EMA       of the SiT parameters and BN buffers
 
-The models arrive as engines: anything with `.module`, `__call__`, `backward(loss)` and `step()` (a
-DeepSpeed engine, or `PlainEngine` below for single-process use and tests). Frozen passes call the
+The models arrive as engines (train/engine.py): anything with `.module`, `__call__`, `backward(loss)` and
+`step()`. Frozen passes call the
 module through `torch.func.functional_call` with detached parameters, so no engine parameter ever has
 its `requires_grad` toggled (ZeRO's gradient hooks stay intact) and no frozen weight gradient is built.
 t, eps, the label-drop mask and the posterior noise come in as arguments (the trainer draws them).
@@ -43,30 +43,6 @@ from repae.model.losses import (
 )
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-
-
-class PlainEngine:
-    """The engine interface without DeepSpeed: module + optimizer + global-norm clipping, one process."""
-
-    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float = 1.0):
-        self.module, self.optimizer, self.grad_clip = module, optimizer, grad_clip
-        self._grad_norm: torch.Tensor | None = None
-
-    def __call__(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
-    def step(self) -> None:
-        params = [p for p in self.module.parameters() if p.grad is not None]
-        if self.grad_clip > 0:
-            self._grad_norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def get_global_grad_norm(self):
-        return self._grad_norm
 
 
 @dataclass

@@ -1,204 +1,36 @@
-"""The REPA-E trainer: models, three DeepSpeed engines, data, random draws, checkpoints, logging.
+"""The REPA-E trainer: the loop that ties the step to its data, draws, checkpoints and reports.
 
     trainer = Trainer(cfg)        # after deepspeed.init_distributed (main.py does it)
     trainer.fit()                 # resumes from run_dir/checkpoints/latest when it exists
 
-One engine per trained model (SiT, VAE, discriminator), each with its own AdamW and, in DeepSpeed's
-fp16 mode, its own loss scaler. The run does not depend on the world size: every random draw of a
-step (t, flow noise, label-drop mask, posterior noise) is drawn for the GLOBAL batch from one seeded
-generator and each rank takes its slice; the data source shards global batches the same way; the
-latent BN statistics are all-reduced (SyncBN). A checkpoint holds the engines (weights, optimizers,
-scalers), the EMA, the generator and RNG states of every rank, the data position and the step; it
-is written into a temporary folder and only then renamed and pointed to by `latest`.
-This file holds no step math (train/step.py) and no config parsing (train/config.py).
+Where things are: the models and engines are built by train/build.py (one engine per trained model, each with
+its own AdamW and, in DeepSpeed's fp16 mode, its own loss scaler; train/engine.py), the step's random draws by
+train/draws.py (global batch from one generator, this rank's slice: the run does not depend on the world size),
+checkpoints by train/checkpoint.py (a checkpoint holds the engines, the EMA, the draw generator and every rank's
+RNG state, the data position and the step, written atomically), reports by train/metrics.py, stop requests by
+train/preemption.py. This file holds the NaN policy, the order of things in a step and what a checkpoint holds.
 """
-
-# B batch, C latent channels, h latent side
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import time
-import warnings
 
 import torch
-import torch.distributed as dist
-
-from repae.kernels import allreduce_stats_hook
-from repae.model.discriminator import build_discriminator
-from repae.model.encoders import DINOv2Encoder, parse_enc_type
-from repae.model.flops import count_flops, peak_bf16_tflops
-from repae.model.losses import LeCamEMA
-from repae.model.lpips import LPIPS
-from repae.model.sit import SiT, sit_config
-from repae.model.vae import VAEConfig, build_vae, latents_stats_path, load_latents_stats, load_vae_weights, vae_config
 
 from . import checkpoint as ckpt
+from .build import ENGINES, build, flops_per_image
 from .config import TrainConfig, check_paths
-from .ema import EMA
+from .distributed import all_max, barrier, log0, on_rank0, rank, world_size
+from .draws import StepRandom
+from .metrics import Metrics, engine_values
 from .preemption import StopRequest, describe
-from .step import PlainEngine, StepInputs, StepModels, StepSettings, train_step
-from .sync_bn import sync_batchnorm_
-
-ENGINES = ("sit", "vae", "disc")
-
-
-def estimate_flops_per_image(cfg: TrainConfig) -> float:
-    """Training FLOPs per image of the SiT and the VAE (matmuls, convs, attention; counted on the meta
-    device): SiT pass 3x forward, align pass ~2x forward of the blocks up to the projector, VAE 3x forward.
-    DINOv2, LPIPS and the discriminator are left out, so the MFU built on it is a lower bound."""
-    from dataclasses import replace
-
-    cfg = replace(cfg, kernel_backend="eager")  # the Triton kernels do not run on meta tensors
-    with torch.device("meta"):
-        sit, vae = build_sit_from_config(cfg), build_vae(build_vae_config(cfg))
-        c, R = sit.config, cfg.data.resolution
-        z = torch.zeros(1, c.in_channels, c.input_size, c.input_size)
-        sit_f = count_flops(lambda: sit(z, torch.zeros(1, dtype=torch.long), torch.zeros(1), z,
-                                        use_batch_stats=False))
-        vae_f = count_flops(lambda: vae(torch.zeros(1, 3, R, R), sample_posterior=False))
-    return 3 * sit_f + 2 * sit_f * c.encoder_depth / c.depth + 3 * vae_f
-
-
-def json_line(row: dict) -> str:
-    """Strict JSON (RFC 8259 has no NaN/Infinity): a non-finite float is written as null."""
-    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-    return json.dumps(clean, allow_nan=False)
-
-
-def truncate_log(path: str, step: int) -> None:
-    """Drop the rows of log.jsonl after `step` (and a line cut short by a kill), atomically."""
-    if not os.path.isfile(path):
-        return
-    kept = []
-    with open(path) as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
-                kept.append(json_line(row) + "\n")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
+from .resume import apply_optimizer_settings, check_resume
+from .step import StepInputs, StepSettings, train_step
 
 
 class RunStopped(RuntimeError):
     """The run stopped on purpose (too many non-finite losses); the message names the model and step."""
-
-
-def log0(msg: str) -> None:
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(f"[repae] {msg}", flush=True)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Models
-# ---------------------------------------------------------------------------------------------------
-
-
-def build_sit_from_config(cfg: TrainConfig) -> SiT:
-    s, latent = cfg.sit, build_vae_config(cfg)
-    z_dims = tuple(spec.embed_dim for spec in parse_enc_type(cfg.encoder.enc_type))
-    fields = dict(input_size=cfg.data.resolution // latent.factor, in_channels=latent.embed_dim,
-                  encoder_depth=s.encoder_depth, projector_dim=s.projector_dim, class_dropout_prob=s.class_dropout_prob,
-                  num_classes=s.num_classes, bn_momentum=s.bn_momentum, qk_norm=s.qk_norm, path_type=s.path_type,
-                  attn_backend=s.attn_backend, z_dims=z_dims, kernel_backend=cfg.kernel_backend)
-    fields.update(s.overrides)
-    return SiT(sit_config(s.name, **fields))
-
-
-def build_vae_config(cfg: TrainConfig) -> VAEConfig:
-    try:
-        return vae_config(cfg.vae.name, **cfg.vae.overrides)
-    except ValueError as err:
-        raise ValueError(f"config key vae.name / vae.overrides: {err}") from err
-
-
-def build_encoders(cfg: TrainConfig) -> list[DINOv2Encoder]:
-    """The frozen encoders; with encoder.allow_random, a missing weight file gives a random one (said loudly)."""
-    encoders = []
-    for spec in parse_enc_type(cfg.encoder.enc_type):
-        try:
-            enc = DINOv2Encoder(spec.enc_type, cfg.data.resolution, weights=cfg.encoder.weights,
-                                weights_dir=cfg.encoder.weights_dir)
-        except FileNotFoundError as err:
-            if not cfg.encoder.allow_random:
-                raise
-            log0(f"NOTE: {err} encoder.allow_random is set: using a RANDOMLY INITIALISED {spec.enc_type} (demo only)")
-            enc = DINOv2Encoder(spec.enc_type, cfg.data.resolution, pretrained=False)
-        encoders.append(enc)
-    return encoders
-
-
-def build_lpips(cfg: TrainConfig) -> LPIPS:
-    try:
-        return LPIPS(cfg.loss.vae.lpips_double_rescale, vgg_weights=cfg.loss.lpips_weights)
-    except FileNotFoundError as err:
-        if not cfg.loss.lpips_allow_random:
-            raise
-        log0(f"NOTE: {err} loss.lpips_allow_random is set: LPIPS uses a RANDOM VGG16 trunk (demo only)")
-        return LPIPS(cfg.loss.vae.lpips_double_rescale, pretrained=False)
-
-
-def ds_config(cfg: TrainConfig, world_size: int, grad_clip: float) -> dict:
-    """The shared DeepSpeed section plus what the trainer owns: batch sizes, clipping."""
-    G = cfg.schedule.global_batch_size
-    return {**json.loads(json.dumps(cfg.deepspeed)), "train_batch_size": G,
-            "train_micro_batch_size_per_gpu": G // world_size,
-            "gradient_accumulation_steps": 1, "gradient_clipping": grad_clip, "zero_allow_untested_optimizer": True,
-            "steps_per_print": cfg.deepspeed.get("steps_per_print", 10**9)}
-
-
-def make_optimizer(params, optim, device: torch.device) -> torch.optim.Optimizer:
-    fused = device.type == "cuda"  # PERF: fused AdamW on GPU (same update up to rounding); foreach on CPU
-    return torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay,
-                             fused=fused or None)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Random draws of a step: global batch from one generator, each rank takes its slice
-# ---------------------------------------------------------------------------------------------------
-
-
-class StepRandom:
-    """t, flow noise, label-drop mask and posterior noise for the global batch (world-size independent)."""
-
-    def __init__(self, seed: int, global_batch: int, latent_shape: tuple[int, int, int], drop_prob: float,
-                 weighting: str, path_type: str):
-        self.gen = torch.Generator().manual_seed(seed + 0x5EED)
-        self.G, self.latent_shape, self.drop_prob = global_batch, latent_shape, drop_prob
-        self.weighting, self.path_type = weighting, path_type
-
-    def draw(self, rank: int, world_size: int, device: torch.device) -> dict[str, torch.Tensor]:
-        G, g = self.G, self.gen
-        if self.weighting == "uniform":
-            t = torch.rand(G, generator=g)
-        else:  # lognormal: s = exp(randn); linear t = s / (1 + s), cosine (2/pi) atan(s)
-            s = torch.randn(G, generator=g).exp()
-            t = s / (1 + s) if self.path_type == "linear" else 2 / math.pi * torch.atan(s)
-        noise = torch.randn((G, *self.latent_shape), generator=g)
-        drop = torch.rand(G, generator=g) < self.drop_prob
-        post = torch.randn((G, *self.latent_shape), generator=g)
-        b = G // world_size
-        sl = slice(rank * b, (rank + 1) * b)
-        return {k: v[sl].to(device) for k, v in (("t", t), ("noise", noise), ("drop_mask", drop),
-                                                   ("posterior_noise", post))}
-
-    def state_dict(self) -> dict:
-        return {"gen": self.gen.get_state()}
-
-    def load_state_dict(self, d: dict) -> None:
-        self.gen.set_state(d["gen"])
-
-
-# ---------------------------------------------------------------------------------------------------
-# The trainer
-# ---------------------------------------------------------------------------------------------------
 
 
 class Trainer:
@@ -207,8 +39,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, *, use_deepspeed: bool = True):
         check_paths(cfg)
         self.cfg = cfg
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank, self.world = rank(), world_size()
         if cfg.schedule.global_batch_size % self.world:
             raise ValueError(f"schedule.global_batch_size={cfg.schedule.global_batch_size} is not divisible by the "
                              f"world size {self.world}")
@@ -225,64 +56,17 @@ class Trainer:
         self._stop = StopRequest(self.rank)  # SIGTERM/SIGINT and the launcher watch, installed by fit()
         self.stopped_by: str | None = None
         """Why fit() stopped before schedule.max_steps (e.g. 'SIGTERM'), after its checkpoint; None otherwise."""
-        self._flops_per_image = estimate_flops_per_image(cfg) if torch.cuda.is_available() else None
+        configs = cfg.model_configs()
+        self._flops_per_image = flops_per_image(cfg) if torch.cuda.is_available() else None
 
-        # The original turns TF32 on for matmuls and cuDNN (its fp32 parts: LPIPS, VAE/GAN losses, discriminator).
-        torch.backends.cuda.matmul.allow_tf32 = cfg.schedule.tf32
-        torch.backends.cudnn.allow_tf32 = cfg.schedule.tf32
-        torch.manual_seed(cfg.schedule.seed)  # identical initial weights on every rank
-        encoders = [e.to(self.device) for e in build_encoders(cfg)]
-        sit = build_sit_from_config(cfg)
-        vae = build_vae(build_vae_config(cfg))
-        if cfg.vae.weights is not None:
-            load_vae_weights(vae, cfg.vae.weights)
-            stats = cfg.vae.latents_stats or latents_stats_path(cfg.vae.weights)
-            if os.path.exists(stats):
-                bias, scale = load_latents_stats(stats)
-                sit.init_bn(latents_scale=scale, latents_bias=bias)
-            else:
-                log0(f"NOTE: no latents-stats file {stats}: the latent BN starts at mean 0, var 1")
-        disc = build_discriminator(cfg.vae.discriminator_weights)
-        if cfg.loss.sync_discriminator_bn and self.world > 1:
-            sync_batchnorm_(disc)
-        sit, vae, disc = sit.to(self.device), vae.to(self.device), disc.to(self.device)
-        # PARITY: the original builds pos_embed frozen but its requires_grad(model, True) before each SiT update
-        # trains it (gradient, clip norm, AdamW, EMA). Under DDP it then never all-reduces that gradient (frozen
-        # when DDP was built), so its ranks drift apart; here it is reduced like every other gradient.
-        sit.pos_embed.requires_grad_(not cfg.sit.freeze_pos_embed)
-        if self.world > 1:
-            sit.bn.stats_hook = allreduce_stats_hook()
-        self.ema = EMA(sit)  # after the BN statistics are set (the original copies at step 0, decay 0)
-        lpips = build_lpips(cfg).to(self.device)
-
-        engines = {}
-        for name, module, optim in (("sit", sit, cfg.optim_sit), ("vae", vae, cfg.optim_vae),
-                                    ("disc", disc, cfg.optim_disc)):
-            params = [p for p in module.parameters() if p.requires_grad]
-            opt = make_optimizer(params, optim, self.device)
-            if use_deepspeed:
-                import deepspeed
-
-                engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt,
-                                                       config=ds_config(cfg, self.world, optim.grad_clip))
-            else:
-                engine = PlainEngine(module, opt, optim.grad_clip)
-            engines[name] = engine
-        self.engines = engines
-        for engine in engines.values():
-            engine.module.train()
-        # DeepSpeed's bf16/fp16 modes cast the module; the latent BN statistics must stay fp32 (kernel contract).
-        sit.bn.float()
-        # The LeCam EMAs exist only while the term is on (the original registers its buffers only then).
-        lecam = (LeCamEMA(cfg.loss.vae.lecam_ema_decay).to(self.device) if cfg.loss.vae.lecam_regularization_weight > 0
-                 else None)
-        self.models = StepModels(sit=engines["sit"], vae=engines["vae"], disc=engines["disc"], lpips=lpips,
-                                 encoders=encoders, ema=self.ema, lecam=lecam)
+        self.models = build(cfg, self.world, self.device, use_deepspeed=use_deepspeed)
+        self.engines = {name: getattr(self.models, name) for name in ENGINES}
+        self.ema = self.models.ema
         self.settings = StepSettings(vae_loss=cfg.loss.vae, proj_coeff=cfg.loss.proj_coeff,
                                      vae_align_proj_coeff=cfg.loss.vae_align_proj_coeff,
                                      ema_decay=cfg.schedule.ema_decay, precision=cfg.schedule.precision,
                                      kernel_backend=cfg.kernel_backend)
-        latent = (sit.in_channels, sit.config.input_size, sit.config.input_size)
+        latent = (configs.sit.in_channels, configs.sit.input_size, configs.sit.input_size)
         self.random = StepRandom(cfg.schedule.seed, cfg.schedule.global_batch_size, latent,
                                  cfg.sit.class_dropout_prob, cfg.schedule.weighting, cfg.sit.path_type)
         self._data = None  # built on first use (tests that pass their own inputs never read images)
@@ -307,8 +91,7 @@ class Trainer:
                 write_demo_dataset(root, num_images=max(64, 2 * cfg.schedule.global_batch_size),
                                    num_classes=min(4, cfg.sit.num_classes), resolution=cfg.data.resolution,
                                    seed=cfg.schedule.seed)
-            if dist.is_initialized():
-                dist.barrier()
+            barrier()
         source = ImageFolderSource(root, cfg.data.resolution, global_batch_size=cfg.schedule.global_batch_size,
                                    rank=self.rank, world_size=self.world, seed=cfg.schedule.seed,
                                    num_workers=cfg.data.num_workers, max_bad_images=cfg.data.max_bad_images)
@@ -363,7 +146,7 @@ class Trainer:
         """The checkpoint to resume: what `latest` names once validated, else the newest complete older one (a line
         says what was broken); None when there is none. CheckpointError (one line) when none is usable."""
         kinds = ckpt.engine_kinds(self.engines)
-        info = ckpt.on_rank0(lambda: ckpt.select(self.ckpt_root, kinds), self.device)
+        info = on_rank0(lambda: ckpt.select(self.ckpt_root, kinds), self.device, ckpt.CheckpointError)
         if info is None:
             return None
         for line in info.notes:
@@ -373,14 +156,14 @@ class Trainer:
     def load_checkpoint(self, path: str) -> None:
         """Restore everything `save_checkpoint` wrote; the run continues as if it had never stopped. The folder is
         validated first; a config change is refused (model, engine layout, ZeRO 1/2 world size) or applied
-        (optimizer settings), see train/checkpoint.py."""
+        (optimizer settings), see train/resume.py."""
         kinds = ckpt.engine_kinds(self.engines)
-        info = ckpt.on_rank0(lambda: ckpt.validate(path, kinds), self.device)
-        for line in ckpt.check_resume(info, self.cfg.to_dict(), self.world):
+        info = on_rank0(lambda: ckpt.validate(path, kinds), self.device, ckpt.CheckpointError)
+        for line in check_resume(info, self.cfg.to_dict(), self.world):
             log0(f"config change on resume: {line}")
         ckpt.load_engines(path, self.engines, self.device)
         sections = {k: getattr(self.cfg, f"optim_{k}") for k in self.engines}
-        for line in ckpt.apply_optimizer_settings(self.engines, sections, info.config):
+        for line in apply_optimizer_settings(self.engines, sections, info.config):
             log0(f"config change on resume: {line}")
         self.models.sit.module.bn.float()
         state, rng = ckpt.load_state(path, self.rank)
@@ -423,66 +206,42 @@ class Trainer:
     # The loop
     # -----------------------------------------------------------------------------------------------
 
-    def _install_signal_handlers(self):
-        """SIGTERM/SIGINT (and the launcher exiting) stop the run after the current step; train/preemption.py."""
-        self._stop.install()
-
     def _should_stop(self) -> str | None:
         """Why every rank stops after this step ('SIGTERM', 'SIGINT', 'the launcher exiting'), else None. The
         ranks' stop codes are all-reduced (MAX) so that all stop at the same step for the same reason: one tiny
         all-reduce per step when W > 1."""
-        code = self._stop.poll()
-        if dist.is_initialized() and self.world > 1:
-            t = torch.tensor([float(code)], device=self.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            code = int(t.item())
+        code = all_max(self._stop.poll(), self.device)
         return describe(code) if code else None
 
-    def _log(self, sums: dict[str, torch.Tensor], count: int, t0: float, writer, bar) -> None:
-        keys = sorted(sums)
-        vec = torch.stack([sums[k] for k in keys]).float().to(self.device) / max(count, 1)
-        if dist.is_initialized():
-            dist.all_reduce(vec)
-            vec /= self.world
-        values = dict(zip(keys, vec.tolist()))
-        values["log/window_steps"] = count  # the first window after a (re)start may be shorter than log_every
-        elapsed = time.time() - t0
-        values["perf/img_per_s"] = count * self.cfg.schedule.global_batch_size / max(elapsed, 1e-9)
-        if self._flops_per_image is not None:
-            tflops = self._flops_per_image * values["perf/img_per_s"] / self.world / 1e12
-            values["perf/tflops_per_gpu_est"] = tflops
-            peak = peak_bf16_tflops(torch.cuda.get_device_name())
-            if peak is not None:
-                values["perf/mfu_est"] = tflops / peak
-        for name, engine in self.engines.items():
-            norm = engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None
-            if norm is not None:
-                values[f"{name}/grad_norm"] = float(norm)
-            scaler = getattr(getattr(engine, "optimizer", None), "cur_scale", None)
-            if scaler is not None:
-                values[f"{name}/loss_scale"] = float(scaler)
+    def _extra_values(self) -> dict[str, float]:
+        """What a log row holds beside the step logs: engines' grad norms and loss scales, the latent BN's running
+        statistics, the non-finite counts, and the distinct unreadable files rank 0 has skipped."""
         bn = self.models.sit.module.bn
+        values = engine_values(self.engines)
         values["bn/running_mean_avg"] = float(bn.running_mean.mean())
         values["bn/running_var_avg"] = float(bn.running_var.mean())
-        for k in ENGINES:
-            values[f"{k}/nonfinite_total"] = self.nan_total[k]
-        if self._data is not None:  # distinct unreadable files rank 0 has skipped (each logged once by its rank)
+        values.update({f"{k}/nonfinite_total": self.nan_total[k] for k in ENGINES})
+        if self._data is not None:  # each file is logged once by its rank
             values["data/bad_images"] = self._data.num_bad_images
-        if self.rank != 0:
-            return
-        from .visual import save_loss_plot
+        return values
 
-        for k, v in values.items():
-            self.history.setdefault(k, []).append((self.step, v))
-            if writer is not None:
-                writer.add_scalar(k, v, self.step)
-        if bar is not None:
-            bar.set_postfix({"img/s": f"{values['perf/img_per_s']:.1f}", "sit": f"{values['sit/loss']:.4f}",
-                             "vae": f"{values['vae/loss']:.4f}", "d": f"{values['disc/discriminator_loss']:.3f}"})
-        save_loss_plot({k: v for k, v in self.history.items() if k.endswith("loss")},
-                       os.path.join(self.run_dir, "losses.png"))
-        with open(os.path.join(self.run_dir, "log.jsonl"), "a") as f:
-            f.write(json_line({"step": self.step, **values}) + "\n")
+    def _after_step(self, metrics: Metrics) -> bool:
+        """Logs, samples, checkpoints and stop requests after a step; True when the loop must end."""
+        cfg, last = self.cfg, self.step == self.cfg.schedule.max_steps
+        if self.step % cfg.logging.log_every == 0 or last:
+            metrics.write(self.step, self._extra_values())
+        if cfg.logging.sample_every > 0 and (self.step % cfg.logging.sample_every == 0 or self.step == 1):
+            self.save_samples()
+        if self.step % cfg.logging.ckpt_every == 0 or last:
+            self.save_checkpoint()
+        if (reason := self._should_stop()) is None:
+            return False
+        if not last:  # at max_steps the run is complete (and saved above)
+            if self.step % cfg.logging.ckpt_every:
+                self.save_checkpoint()
+            self.stopped_by = reason
+            log0(f"stopped by {reason} at step {self.step}; resume with the same command")
+        return True
 
     def fit(self, *, resume: bool = True) -> None:
         cfg = self.cfg
@@ -494,52 +253,16 @@ class Trainer:
         if resume and (path := self.latest_checkpoint()) is not None:
             self.load_checkpoint(path)
             resumed = True
-            if self.rank == 0:  # the steps after the checkpoint are trained (and logged) again
-                truncate_log(os.path.join(self.run_dir, "log.jsonl"), self.step)
-        self._install_signal_handlers()
-        writer = None
-        if self.rank == 0 and cfg.logging.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                # purge_step: tensorboard drops the events of the steps after the checkpoint when resuming
-                writer = SummaryWriter(os.path.join(self.run_dir, "tb"), purge_step=self.step + 1 if resumed else None)
-            except ImportError:
-                warnings.warn("tensorboard is not installed: no tensorboard logs (pip install tensorboard)",
-                              stacklevel=1)
-        bar = None
-        if self.rank == 0:
-            from tqdm import tqdm
-
-            bar = tqdm(total=cfg.schedule.max_steps, initial=self.step, desc="repae", unit="step", dynamic_ncols=True)
-        sums: dict[str, torch.Tensor] = {}
-        count, t0 = 0, time.time()
+        self._stop.install()  # SIGTERM/SIGINT (and the launcher exiting) stop the run after the current step
+        metrics = Metrics(cfg, rank=self.rank, world=self.world, device=self.device, history=self.history,
+                          flops_per_image=self._flops_per_image)
+        metrics.open(self.step, resumed=resumed)
         try:
             while self.step < cfg.schedule.max_steps:
-                logs = self.run_step()
-                for k, v in logs.items():
-                    sums[k] = sums.get(k, 0) + v.detach().float().to(self.device)  # no host sync
-                count += 1
-                if bar is not None:
-                    bar.update(1)
-                if self.step % cfg.logging.log_every == 0 or self.step == cfg.schedule.max_steps:
-                    self._log(sums, count, t0, writer, bar)
-                    sums, count, t0 = {}, 0, time.time()
-                if cfg.logging.sample_every > 0 and (self.step % cfg.logging.sample_every == 0 or self.step == 1):
-                    self.save_samples()
-                if self.step % cfg.logging.ckpt_every == 0 or self.step == cfg.schedule.max_steps:
-                    self.save_checkpoint()
-                if (reason := self._should_stop()) is not None:
-                    if self.step < cfg.schedule.max_steps:  # at max_steps the run is complete (and saved above)
-                        if self.step % cfg.logging.ckpt_every:
-                            self.save_checkpoint()
-                        self.stopped_by = reason
-                        log0(f"stopped by {reason} at step {self.step}; resume with the same command")
+                metrics.add(self.run_step())
+                if self._after_step(metrics):
                     break
         finally:
             if self.stopped_by is None:  # after a stop they stay: a repeat while the process exits is absorbed
                 self._stop.uninstall()
-            if bar is not None:
-                bar.close()
-            if writer is not None:
-                writer.close()
+            metrics.close()

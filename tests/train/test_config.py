@@ -158,10 +158,10 @@ def test_fp16_needs_the_deepspeed_loss_scaler():
 
 
 def test_flops_estimate_on_meta():
-    from repae.train.trainer import estimate_flops_per_image
+    from repae.train.build import flops_per_image
 
-    tiny = estimate_flops_per_image(load_config(CONFIGS / "tiny_cpu.json"))
-    full = estimate_flops_per_image(load_config(CONFIGS / "sitxl_repae.json"))
+    tiny = flops_per_image(load_config(CONFIGS / "tiny_cpu.json"))
+    full = flops_per_image(load_config(CONFIGS / "sitxl_repae.json"))
     assert 0 < tiny < full
     # docs/METHOD.md#compute-per-image: VAE 2.66 + SiT 0.71 + align pass 0.14 = ~3.5 TFLOP per trained image (the
     # estimate leaves DINOv2, LPIPS and the discriminator out)

@@ -11,7 +11,7 @@ import shutil
 import pytest
 from conftest import tiny_config
 
-from repae.train.trainer import json_line, truncate_log
+from repae.train.metrics import json_line, truncate_log
 
 
 def _strict_rows(path):

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
 from conftest import tiny_config  # noqa: E402
 from original_sit import OriginalSiT  # noqa: E402
-from step_inputs import synthetic_inputs  # noqa: E402  (bench/, on the test path)
 
+from repae.train.draws import synthetic_inputs  # noqa: E402
 from repae.train.step import StepInputs  # noqa: E402
 
 LR = 1e-4
@@ -145,7 +145,7 @@ def test_two_steps_match_the_reference(tmp_path, ds_world, freeze):
         inputs = make_inputs(trainer, seed=step)
         ours = trainer.run_step(inputs)
         want = reference_step(ref, inputs, step, train_pos_embed=not freeze)
-        ours["sit/grad_norm"] = torch.as_tensor(trainer.models.sit.get_global_grad_norm(), dtype=torch.float32)
+        ours["sit/grad_norm"] = torch.as_tensor(trainer.models.sit.grad_norm(), dtype=torch.float32)
         for k, v in want.items():
             torch.testing.assert_close(ours[k], v.float(), rtol=1e-5, atol=1e-6,
                                        msg=lambda m, k=k, step=step: f"step {step} {k}: {m}")
