@@ -1,9 +1,23 @@
 """pytest bench/: GPU microbenchmarks. Each row goes to bench/results/<gpu>/<op>.jsonl with the GPU,
-versions, git sha and UTC date, and a table is printed at the end of the session."""
+versions, git sha, UTC date and the session's measured copy bandwidth, and a table is printed at the end of
+the session.
+
+Timing: each case is timed once, by timing.time_ms (triton.testing.do_bench: CUDA events around each call,
+the L2 flushed before each, p50/p20/p80). pytest-benchmark's `benchmark` fixture is not used: it times with a
+host clock (launch overhead and a synchronize inside, the L2 warm) and has no public way to take times measured
+elsewhere, so beside do_bench it would time every case a second time and report a second, different number.
+The JSONL rows and the table below are the record.
+
+Roofline: the session fixture `hbm` measures the device-to-device copy bandwidth once per session on the GPU
+the benchmarks run on (bench/ceilings.py: a 2 GiB copy, bytes read + written) and writes it to
+bench/results/<gpu>/bandwidth.json. Every row carries it (`hbm_gbps`, with the spec sheet's `hbm_gbps_nominal`
+beside it for comparison), and a kernel row's `roofline` is its GB/s over `hbm_gbps`.
+"""
 
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import subprocess
 from pathlib import Path
@@ -23,7 +37,15 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(skip)
 
 
-def _environment() -> dict:
+def _folder(gpu_name: str) -> Path:
+    folder = RESULTS / gpu_name.replace(" ", "_")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@functools.cache
+def _versions() -> dict:
+    """What stays fixed for the session: the GPU, the versions and the git sha."""
     import triton
 
     try:
@@ -34,26 +56,32 @@ def _environment() -> dict:
         ds = None
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                          cwd=RESULTS.parent).stdout.strip() or None
-    return {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "deepspeed": ds,
-        "git_sha": sha,
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }
+    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "deepspeed": ds, "git_sha": sha}
+
+
+@pytest.fixture(scope="session")
+def hbm() -> dict:
+    """This GPU's copy bandwidth (ceilings.bandwidth_row), measured once per session before the first
+    benchmark allocates anything, and written to bench/results/<gpu>/bandwidth.json."""
+    from ceilings import measure_copy_bandwidth
+
+    row = measure_copy_bandwidth() | _versions()
+    (_folder(row["gpu"]) / "bandwidth.json").write_text(json.dumps(row, indent=1) + "\n")
+    return row
 
 
 @pytest.fixture
-def record():
-    """record(op=..., case=..., provider=..., mode=..., ms=(p50, p20, p80), gbps=..., roofline=...)."""
+def record(hbm):
+    """record(op=..., case=..., provider=..., mode=..., ms=(p50, p20, p80), ...): one JSONL row, with the
+    environment and the session's bandwidth added."""
 
     def _record(**row):
-        row.update(_environment())
+        row |= _versions()
+        row |= {"hbm_gbps": hbm["copy_gbps"], "hbm_gbps_nominal": hbm["nominal_gbps"],
+                "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
         _rows.append(row)
-        folder = RESULTS / row["gpu"].replace(" ", "_")
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / f"{row['op']}.jsonl", "a") as f:
+        with open(_folder(row["gpu"]) / f"{row['op']}.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
 
     return _record
@@ -63,7 +91,9 @@ def pytest_terminal_summary(terminalreporter):
     if not _rows:
         return
     tr = terminalreporter
-    tr.section("kernel benchmarks (p50 ms, GB/s, fraction of the copy-bandwidth roofline of bench/shapes.py)")
+    measured, nominal = _rows[0]["hbm_gbps"], _rows[0]["hbm_gbps_nominal"]
+    tr.section(f"kernel benchmarks (p50 ms, GB/s, fraction of the copy bandwidth measured this session: "
+               f"{measured:.0f} GB/s; nominal {'n/a' if nominal is None else f'{nominal:.0f}'} GB/s)")
     tr.write_line(f"{'op':10} {'case':24} {'mode':8} {'provider':8} {'ms':>9} {'GB/s':>8} {'roof':>6}")
     for r in _rows:
         if "img_per_s" in r:  # train-step rows (bench_train_step.py)

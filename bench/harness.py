@@ -9,21 +9,14 @@ builders on CPU so the plumbing is checked even where no GPU is lent.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
+from timing import BenchFn
 
 import repae.kernels as K
 
 PROVIDERS = ("triton", "eager", "compile")
 MODES = ("fwd", "fwd_bwd")
-
-
-@dataclass
-class BenchFn:
-    fn: Callable[[], object]  # one call of the measured work
-    nbytes: int  # minimal HBM traffic of that work
-    grad_to_none: list[torch.Tensor]  # leaves whose .grad is reset between calls
 
 
 def _nbytes(*tensors: torch.Tensor) -> int:

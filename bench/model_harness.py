@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from harness import BenchFn
+from timing import BenchFn
 
 import repae.model  # noqa: F401  (torchvision guard)
 from repae.model.flops import count_flops

@@ -13,6 +13,31 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def _header(folder: Path, any_row: dict) -> list[str]:
+    """Title, versions, timing, and the ceilings stored beside the rows: the session's measured copy bandwidth
+    (bandwidth.json, written by every `pytest bench/` session) and the hw.json of bench/ceilings.py."""
+    lines = [
+        f"# Kernel benchmarks on {any_row['gpu']}",
+        "",
+        f"torch {any_row['torch']}, triton {any_row['triton']}, commit {any_row['git_sha']}, "
+        f"{any_row['date_utc']} (latest row per case). Timing: triton.testing.do_bench, L2 flushed, p50.",
+        "",
+    ]
+    bw = folder / "bandwidth.json"
+    if bw.exists():
+        b = json.loads(bw.read_text())
+        nominal = "n/a" if b["nominal_gbps"] is None else f"{b['nominal_gbps']:.0f} GB/s"
+        lines += [f"Roofline: a row's GB/s over the device-to-device copy bandwidth measured in its own session "
+                  f"(the latest: {b['copy_gbps']:.0f} GB/s on {b['date_utc']}; spec sheet {nominal}).", ""]
+    hw = folder / "hw.json"
+    if hw.exists():
+        c = json.loads(hw.read_text())
+        lines += [f"Ceilings measured on this card ({c['date_utc']}, bench/ceilings.py): device-to-device copy "
+                  f"{c['copy_gbps']:.0f} GB/s, bf16 8192^3 matmul {c['bf16_matmul_tflops']:.0f} TFLOP/s, "
+                  f"{c['sm_count']} SMs, {c['memory_gib']:.0f} GiB.", ""]
+    return lines
+
+
 def report(folder: Path) -> str:
     latest: dict[tuple, dict] = {}
     for path in sorted(folder.glob("*.jsonl")):
@@ -21,20 +46,7 @@ def report(folder: Path) -> str:
             latest[(row["op"], row["case"], row["mode"], row["provider"])] = row
     if not latest:
         return ""
-    any_row = next(iter(latest.values()))
-    lines = [
-        f"# Kernel benchmarks on {any_row['gpu']}",
-        "",
-        f"torch {any_row['torch']}, triton {any_row['triton']}, commit {any_row['git_sha']}, "
-        f"{any_row['date_utc']} (latest row per case). Timing: triton.testing.do_bench, L2 flushed, p50.",
-        "",
-    ]
-    hw = folder / "hw.json"
-    if hw.exists():
-        c = json.loads(hw.read_text())
-        lines += [f"Ceilings measured on this card ({c['date_utc']}, bench/ceilings.py): device-to-device copy "
-                  f"{c['copy_gbps']:.0f} GB/s, bf16 8192^3 matmul {c['bf16_matmul_tflops']:.0f} TFLOP/s, "
-                  f"{c['sm_count']} SMs, {c['memory_gib']:.0f} GiB.", ""]
+    lines = _header(folder, next(iter(latest.values())))
     lines += [
         "| op | case | mode | triton ms | eager ms | compile ms | triton GB/s | roofline | vs eager | vs compile |",
         "|---|---|---|---|---|---|---|---|---|---|",

@@ -5,16 +5,6 @@ import torch
 
 from repae.kernels.recipe import ADALN_BTD, LATENT_BCHW, REPA_BNE
 
-# Measured device-to-device copy bandwidth (bytes read + written), the roofline of the kernel benchmarks:
-# H100 3.0 TB/s (project notes, 2026-11-23); H200 ~4.3 TB/s (device notes, 2026-10-28; bench/ceilings.py
-# re-measures it into bench/results/<gpu>/hw.json in every GPU report).
-HBM_GBPS_BY_GPU = {"H100": 3000.0, "H200": 4300.0}
-
-
-def hbm_gbps(gpu_name: str) -> float:
-    """The copy bandwidth of the named GPU (the first table entry found in its name; else the H100's)."""
-    return next((v for k, v in HBM_GBPS_BY_GPU.items() if k in gpu_name), HBM_GBPS_BY_GPU["H100"])
-
 BENCH_CASES = {
     # adaLN at SiT-XL/2's residual stream [b, T, D]: (shape, branch dtype, residual dtype, h dtype)
     "adaln": {
