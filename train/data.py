@@ -6,15 +6,9 @@
 
 Holds: the folder scan and labels of the original `preprocessing.py` (docs/METHOD.md#data-preprocessing), the ADM
 `center_crop_arr`, the mode conversion to 8-bit RGB (16-bit PNGs included), the skipping of unreadable files, the label
-check against the model's class count, the world-size-independent batch order, the resumable position, and
-`write_demo_dataset` (a small synthetic set for the CPU demo and the tests, written atomically). Must not hold
-augmentation (REPA-E has none), VAE/latent code or anything of the train step: a GPU (DALI) source replaces this file
-behind the same interface.
-
-Batch order: epoch e permutes all N images with `torch.Generator().manual_seed(seed + e)`; global batch k
-is perm[k*G:(k+1)*G] (the last partial batch dropped), and rank r takes the contiguous slice
-[r*G/W:(r+1)*G/W]. Concatenating the ranks' slices gives the global batch, so one rank with batch G and W
-ranks with G/W each see the same images in the same order.
+check against the model's class count and the resumable position. Must not hold augmentation (REPA-E has none),
+VAE/latent code or anything of the train step: a GPU (DALI) source replaces this file behind the same interface.
+The batch order (world-size independent) is train/sharding.py's; the synthetic demo set is train/demo_data.py's.
 
 Unreadable files (truncated, corrupt, empty, not an image): index i that fails to decode is replaced by the
 next readable index i+1, i+2, ... (mod N) in the sorted file order, so the replacement depends only on the
@@ -31,18 +25,16 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
-import socket
 from collections.abc import Iterator
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from .preemption import shield_loader_worker
+from .sharding import RankBatchSampler
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 WIDE_INT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -196,47 +188,6 @@ def collate_samples(samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor, 
     return images_b3RR, labels_b, indices_b, bad
 
 
-# ---------------------------------------------------------------------------------------------------
-# Batch order: world-size independent, resumable
-# ---------------------------------------------------------------------------------------------------
-
-
-def epoch_permutation(num_images: int, seed: int, epoch: int) -> torch.Tensor:
-    """The image order of one epoch: randperm(N) from a CPU generator seeded with seed + epoch (int64 [N])."""
-    return torch.randperm(num_images, generator=torch.Generator().manual_seed(seed + epoch))
-
-
-def rank_slice(global_batch: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
-    """Contiguous slice of rank r: [r*G/W:(r+1)*G/W] (a partial last batch is split as evenly as possible)."""
-    n = global_batch.numel()
-    lo, hi = rank * n // world_size, (rank + 1) * n // world_size
-    return global_batch[lo:hi]
-
-
-class _RankBatchSampler(Sampler):
-    """Yields this rank's index lists from (epoch, batch) on, walking the epochs forever.
-
-    Holds plain numbers, not the source: a reference back would make a cycle source -> loader iterator ->
-    sampler -> source, and a cycle collected late tears the workers down out of order (5 s join timeouts).
-    """
-
-    def __init__(self, *, num_images: int, global_batch_size: int, steps_per_epoch: int, rank: int, world_size: int,
-                 seed: int, epoch: int, batch: int):
-        self.num_images, self.global_batch_size, self.steps_per_epoch = num_images, global_batch_size, steps_per_epoch
-        self.rank, self.world_size, self.seed, self.epoch, self.batch = rank, world_size, seed, epoch, batch
-
-    def __iter__(self) -> Iterator[list[int]]:
-        epoch, batch, G = self.epoch, self.batch, self.global_batch_size
-        perm_N = None
-        while True:
-            if batch >= self.steps_per_epoch:
-                epoch, batch, perm_N = epoch + 1, 0, None
-            if perm_N is None:  # one randperm per epoch, not per batch
-                perm_N = epoch_permutation(self.num_images, self.seed, epoch)
-            yield rank_slice(perm_N[batch * G:(batch + 1) * G], self.rank, self.world_size).tolist()
-            batch += 1
-
-
 class ImageFolderSource:
     """Class-folder images as this rank's slices of world-size-independent global batches, resumable."""
 
@@ -305,7 +256,7 @@ class ImageFolderSource:
         return self.global_batch_size // self.world_size
 
     def _loader(self) -> Iterator:
-        sampler = _RankBatchSampler(num_images=self.num_images, global_batch_size=self.global_batch_size,
+        sampler = RankBatchSampler(num_images=self.num_images, global_batch_size=self.global_batch_size,
                                     steps_per_epoch=self.steps_per_epoch, rank=self.rank, world_size=self.world_size,
                                     seed=self.seed, epoch=self.epoch, batch=self.batch_in_epoch)
         # worker_init_fn: the loader workers outlive a SIGTERM/SIGINT sent to the process group or tree, so the
@@ -370,113 +321,3 @@ class ImageFolderSource:
                              f"range (steps_per_epoch={self.steps_per_epoch})")
         self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
         self._it = None  # drop batches decoded ahead from the old position (and its workers)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Synthetic demo set
-# ---------------------------------------------------------------------------------------------------
-
-
-def _demo_image(rng: np.random.RandomState, label: int, num_classes: int, resolution: int) -> np.ndarray:
-    """Smooth RGB image [R, R, 3] uint8: a class-coloured blob on a class-oriented gradient."""
-    yy, xx = np.mgrid[0:resolution, 0:resolution].astype(np.float64) / max(resolution - 1, 1)
-    angle = 2 * np.pi * label / num_classes  # gradient direction encodes the class
-    grad = 0.5 + 0.5 * ((xx - 0.5) * np.cos(angle) + (yy - 0.5) * np.sin(angle))
-    hue = label / num_classes  # blob colour encodes the class too; position, size and shade vary per image
-    colour = 0.5 + 0.5 * np.cos(2 * np.pi * (hue + np.array([0.0, 1 / 3, 2 / 3])))
-    cy, cx = rng.uniform(0.25, 0.75, size=2)
-    radius = rng.uniform(0.12, 0.3)
-    blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * radius ** 2))[..., None]
-    background = grad[..., None] * (0.3 + 0.4 * rng.uniform(size=3))
-    img = (1 - blob) * background + blob * colour
-    return np.clip(np.round(255 * img), 0, 255).astype(np.uint8)
-
-
-DEMO_MARKER = ".demo_complete.json"
-"""Written last into a demo set (its parameters): a folder without it is never taken as a complete set."""
-
-
-def _demo_temp_prefix(root: str) -> str:
-    return f"{root}.tmp"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
-def remove_stale_demo_temps(root: str) -> list[str]:
-    """Remove the temp folders of earlier writes of `root` that died half way; returns the removed paths.
-
-    Temp folders are `<root>.tmp-<host>-<pid>` (and `<root>.tmp<pid>` of older versions). One is kept only
-    while its writer, another live process on this host, may still be writing it; any other one is stale
-    (the writer was killed, or it is this very process after an exception).
-    """
-    parent, prefix = os.path.dirname(root), os.path.basename(_demo_temp_prefix(root))
-    pattern = re.compile(re.escape(prefix) + r"(?:-(?P<host>.+)-)?(?P<pid>\d+)")
-    removed = []
-    for name in os.listdir(parent) if os.path.isdir(parent) else []:
-        match = pattern.fullmatch(name)
-        if match is None:  # not one of ours: never touched
-            continue
-        host, pid = match["host"] or socket.gethostname(), int(match["pid"])
-        if not (host == socket.gethostname() and pid != os.getpid() and _pid_alive(pid)):
-            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
-            removed.append(os.path.join(parent, name))
-    return removed
-
-
-def _demo_is_complete(root: str, params: dict) -> bool:
-    try:
-        with open(os.path.join(root, DEMO_MARKER)) as f:
-            return json.load(f) == params
-    except (OSError, ValueError):
-        return False
-
-
-def write_demo_dataset(root: str, num_images: int = 64, num_classes: int = 4, resolution: int = 64,
-                       seed: int = 0) -> str:
-    """Write `num_images` deterministic PNGs into root/class_XX/ (round-robin over classes); returns root.
-
-    Atomic: the set is written into the sibling `<root>.tmp-<host>-<pid>`, DEMO_MARKER last, and renamed onto
-    `root`; a write that fails or is killed half way never leaves a folder at `root`, and stale temp folders are
-    removed at the next call, which rebuilds the set. A complete set with the same parameters is kept as it is;
-    an existing non-empty `root` that is not one is a ValueError (it is never overwritten).
-    """
-    if num_images <= 0 or num_classes <= 0 or resolution <= 0:
-        raise ValueError(f"write_demo_dataset: num_images={num_images}, num_classes={num_classes}, "
-                         f"resolution={resolution} must all be > 0")
-    root = os.path.abspath(root)
-    params = {"num_images": num_images, "num_classes": num_classes, "resolution": resolution, "seed": seed}
-    remove_stale_demo_temps(root)
-    if _demo_is_complete(root, params):
-        return root
-    if os.path.exists(root) and not (os.path.isdir(root) and not os.listdir(root)):
-        raise ValueError(f"write_demo_dataset: {root} exists and is not a complete demo set with {params} (no "
-                         f"matching {DEMO_MARKER}); remove it or choose another folder")
-    target = f"{_demo_temp_prefix(root)}-{socket.gethostname()}-{os.getpid()}"
-    try:
-        rng = np.random.RandomState(seed)
-        for i in range(num_images):
-            label = i % num_classes
-            folder = os.path.join(target, f"class_{label:02d}")
-            os.makedirs(folder, exist_ok=True)
-            Image.fromarray(_demo_image(rng, label, num_classes, resolution)).save(
-                os.path.join(folder, f"img_{i:05d}.png"))
-        with open(os.path.join(target, DEMO_MARKER), "w") as f:
-            json.dump(params, f)
-        try:
-            os.replace(target, root)  # onto a missing or empty root; a non-empty one raises
-        except OSError:
-            if not _demo_is_complete(root, params):
-                raise
-            shutil.rmtree(target)  # another writer won the race: keep its (identical) set
-    except BaseException:
-        shutil.rmtree(target, ignore_errors=True)
-        raise
-    return root

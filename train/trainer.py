@@ -81,7 +81,8 @@ class Trainer:
         return self._data
 
     def _data_source(self):
-        from .data import ImageFolderSource, write_demo_dataset
+        from .data import ImageFolderSource
+        from .demo_data import write_demo_dataset
 
         cfg = self.cfg
         root = cfg.data.root

@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from repae.train.data import ImageFolderSource, load_image, scan_image_folder, write_demo_dataset
+from repae.train.data import ImageFolderSource, load_image, scan_image_folder
+from repae.train.demo_data import write_demo_dataset
 
 RES = 16
 

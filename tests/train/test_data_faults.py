@@ -23,15 +23,9 @@ import pytest
 import torch
 from PIL import Image
 
-import repae.train.data as data_mod
-from repae.train.data import (
-    DEMO_MARKER,
-    ImageFolderSource,
-    load_image,
-    remove_stale_demo_temps,
-    to_rgb,
-    write_demo_dataset,
-)
+import repae.train.demo_data as demo_mod
+from repae.train.data import ImageFolderSource, load_image, to_rgb
+from repae.train.demo_data import DEMO_MARKER, remove_stale_demo_temps, write_demo_dataset
 
 RES = 8
 N, G = 20, 5  # 20 files in two classes, 4 global batches of 5 per epoch
@@ -394,7 +388,7 @@ def _files(root) -> dict[str, bytes]:
 
 def test_demo_write_interrupted_by_an_exception_leaves_nothing(tmp_path, monkeypatch):
     want = _files(write_demo_dataset(str(tmp_path / "ref"), num_images=9, num_classes=3, resolution=RES, seed=2))
-    real, calls = data_mod._demo_image, []
+    real, calls = demo_mod._demo_image, []
 
     def dying(*args):
         calls.append(1)
@@ -404,18 +398,18 @@ def test_demo_write_interrupted_by_an_exception_leaves_nothing(tmp_path, monkeyp
         return real(*args)
 
     root = tmp_path / "demo"
-    monkeypatch.setattr(data_mod, "_demo_image", dying)
+    monkeypatch.setattr(demo_mod, "_demo_image", dying)
     with pytest.raises(RuntimeError, match="simulated kill"):
         write_demo_dataset(str(root), num_images=9, num_classes=3, resolution=RES, seed=2)
     assert len(calls) == 5 and sorted(os.listdir(tmp_path)) == ["ref"]  # no root, no temp folder
-    monkeypatch.setattr(data_mod, "_demo_image", real)
+    monkeypatch.setattr(demo_mod, "_demo_image", real)
     write_demo_dataset(str(root), num_images=9, num_classes=3, resolution=RES, seed=2)
     assert _files(root) == want and DEMO_MARKER in want and len(want) == 10
 
 
 _KILLED_WRITER = """
 import os, sys, time
-import repae.train.data as d
+import repae.train.demo_data as d
 real, count = d._demo_image, [0]
 def slow(*args):
     count[0] += 1
