@@ -1,4 +1,4 @@
-"""Reading and writing one checkpoint file, and removing folders, safely (docs/ARCHITECTURE.md#checkpoints).
+"""Reading and writing one checkpoint file, and removing folders, safely (the layout: train/checkpoint.py).
 
 - load_file: torch.load(weights_only=True) with the few DeepSpeed classes its ZeRO files pickle allowed
   (safe_globals); a file that pickles anything else is refused, never run; a missing, empty, truncated or foreign
