@@ -74,6 +74,16 @@ def did_you_mean(key: str, known) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def known_key(key: str, name: str, known: list[str], rejected: dict[str, str], *, remove: str, unknown: str,
+              listing: str) -> None:
+    """`name` (at config key `key`) is not rejected (name -> why) and is one of `known`: one line otherwise, with a
+    "did you mean" and the known names."""
+    if name in rejected:
+        raise ConfigKeyError(key, f" {rejected[name]}: {remove}")
+    if name not in known:
+        raise ConfigKeyError(key, f" {unknown}{did_you_mean(name, known)} ({listing}: {', '.join(known)})")
+
+
 def check_overrides(owner: type, overrides: dict, reserved: dict[str, str]) -> None:
     """`overrides` holds fields of the model dataclass `owner` (SiTConfig, VAEConfig): known, not set
     elsewhere (`reserved`: field -> where it comes from), of the field's type, finite when numbers."""
@@ -81,11 +91,8 @@ def check_overrides(owner: type, overrides: dict, reserved: dict[str, str]) -> N
     allowed = [k for k in hints if k not in reserved]
     for k, v in overrides.items():
         key = f"overrides.{k}"
-        if k in reserved:
-            raise ConfigKeyError(key, f" {reserved[k]}: remove it from overrides")
-        if k not in hints:
-            raise ConfigKeyError(key, f" is not a {owner.__name__} field{did_you_mean(k, allowed)} "
-                                      f"(allowed: {', '.join(allowed)})")
+        known_key(key, k, allowed, reserved, remove="remove it from overrides",
+                  unknown=f"is not a {owner.__name__} field", listing="allowed")
         require(key, v, type_ok(v, hints[k]), f"has the wrong type (expected {hints[k]})")
         require(key, v, all(is_finite(x) for x in (v if isinstance(v, list) else [v]) if is_number(x)),
                  "must be finite")
@@ -173,11 +180,8 @@ _DS_ZERO_REJECTED = {
 def _check_ds_table(key: str, node: dict, table: dict, rejected: dict[str, str]) -> None:
     for k, v in node.items():
         sub = f"{key}.{k}"
-        if k in rejected:
-            raise ConfigKeyError(sub, f" {rejected[k]}: remove it")
-        if k not in table:
-            raise ConfigKeyError(sub, f" is not a DeepSpeed setting this trainer accepts{did_you_mean(k, table)} "
-                                      f"(accepted in {key}: {', '.join(table)})")
+        known_key(sub, k, list(table), rejected, remove="remove it",
+                  unknown="is not a DeepSpeed setting this trainer accepts", listing=f"accepted in {key}")
         if isinstance(v, str) and v.strip().lower() == "auto":
             raise ConfigKeyError(sub, "='auto': only the HF Trainer / Accelerate integrations fill that in, DeepSpeed "
                                       "itself does not: give the value, or leave the key out for DeepSpeed's default")
