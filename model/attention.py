@@ -16,7 +16,7 @@ softmax(q k^T * K^-0.5) v per head. Backends:
 The backend a module actually runs is logged once (logger "repae.model") and kept in `last_backend`.
 """
 
-# B batch, T tokens, D hidden, H heads, K head dim
+# B batch, T tokens, D hidden, A heads, K head dim (docs/ARCHITECTURE.md#shape-letters)
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def _sdpa_backends(name: str) -> list:
     return table[name]
 
 
-def resolve_attn_backend(name: str, q_BTHK: torch.Tensor) -> str:
+def resolve_attn_backend(name: str, q_BTAK: torch.Tensor) -> str:
     """The backend a call with this query runs ("auto" resolved); ValueError for an unknown name."""
     if name not in ATTN_BACKENDS:
         raise ValueError(f"attention backend must be one of {ATTN_BACKENDS}, got {name!r}")
@@ -56,25 +56,25 @@ def resolve_attn_backend(name: str, q_BTHK: torch.Tensor) -> str:
                          "(pip install flash-attn --no-build-isolation, or use 'auto'/'sdpa')")
     if name != "auto":
         return name
-    if HAS_FLASH_ATTN and q_BTHK.is_cuda and q_BTHK.dtype in (torch.float16, torch.bfloat16):
+    if HAS_FLASH_ATTN and q_BTAK.is_cuda and q_BTAK.dtype in (torch.float16, torch.bfloat16):
         return "flash_attn"
-    return "sdpa_auto_cuda" if q_BTHK.is_cuda else "sdpa"
+    return "sdpa_auto_cuda" if q_BTAK.is_cuda else "sdpa"
 
 
-def attention_math(q_BHTK: torch.Tensor, k_BHTK: torch.Tensor, v_BHTK: torch.Tensor) -> torch.Tensor:
+def attention_math(q_BATK: torch.Tensor, k_BATK: torch.Tensor, v_BATK: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(K)) v, written out (timm Attention with fused_attn=False)."""
-    q_BHTK = q_BHTK * q_BHTK.shape[-1] ** -0.5
-    attn_BHTT = (q_BHTK @ k_BHTK.transpose(-2, -1)).softmax(dim=-1)
-    return attn_BHTT @ v_BHTK
+    q_BATK = q_BATK * q_BATK.shape[-1] ** -0.5
+    attn_BATT = (q_BATK @ k_BATK.transpose(-2, -1)).softmax(dim=-1)
+    return attn_BATT @ v_BATK
 
 
-def multihead_attention(q_BTHK: torch.Tensor, k_BTHK: torch.Tensor, v_BTHK: torch.Tensor, backend: str) -> torch.Tensor:
+def multihead_attention(q_BTAK: torch.Tensor, k_BTAK: torch.Tensor, v_BTAK: torch.Tensor, backend: str) -> torch.Tensor:
     """Attention over T for every (batch, head), inputs and output [B, T, H, K]; `backend` already resolved."""
     if backend == "flash_attn":
         from flash_attn import flash_attn_func
 
-        return flash_attn_func(q_BTHK, k_BTHK, v_BTHK)
-    q, k, v = (t.transpose(1, 2) for t in (q_BTHK, k_BTHK, v_BTHK))  # (B, H, T, K)
+        return flash_attn_func(q_BTAK, k_BTAK, v_BTAK)
+    q, k, v = (t.transpose(1, 2) for t in (q_BTAK, k_BTAK, v_BTAK))  # (B, H, T, K)
     if backend == "math":
         out = attention_math(q, k, v)
     elif backend == "sdpa":
@@ -115,8 +115,8 @@ class Attention(nn.Module):
             logger.info("attention backend: %s (requested %s, head_dim %d, %s %s)", backend, self.backend,
                         self.head_dim, q.dtype, q.device.type)
             self.last_backend = backend
-        out_BTHK = multihead_attention(q, k, v, backend)
-        return self.proj(out_BTHK.reshape(B, T, D))
+        out_BTAK = multihead_attention(q, k, v, backend)
+        return self.proj(out_BTAK.reshape(B, T, D))
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, head_dim={self.head_dim}, backend={self.backend}"

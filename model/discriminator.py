@@ -16,7 +16,7 @@ The original calls it inside the loss's autocast(enabled=False) region on fp32 i
 caller's too (this module does not cast).
 """
 
-# B batch, H/W image height/width, P logit-map side
+# B batch, F feature channels, H, W image (or logit-map) height and width
 
 from __future__ import annotations
 
@@ -101,14 +101,14 @@ class NLayerDiscriminator(nn.Module):
             size //= 2
         return size - 2
 
-    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BFHW: torch.Tensor) -> torch.Tensor:
         """Images [B, input_nc, H, W] (float, [-1, 1] in REPA-E) -> patch logits [B, 1, P, P] (30 at 256 px)."""
-        if (x_BCHW.ndim != 4 or x_BCHW.shape[1] != self.input_nc or not x_BCHW.is_floating_point()
-                or min(self.output_size(x_BCHW.shape[2]), self.output_size(x_BCHW.shape[3])) < 1):
+        if (x_BFHW.ndim != 4 or x_BFHW.shape[1] != self.input_nc or not x_BFHW.is_floating_point()
+                or min(self.output_size(x_BFHW.shape[2]), self.output_size(x_BFHW.shape[3])) < 1):
             min_side = 3 * 2**self.n_layers
-            raise ValueError(f"NLayerDiscriminator: input of shape {tuple(x_BCHW.shape)} and dtype {x_BCHW.dtype}, "
+            raise ValueError(f"NLayerDiscriminator: input of shape {tuple(x_BFHW.shape)} and dtype {x_BFHW.dtype}, "
                              f"expected float [B, {self.input_nc}, H, W] with H, W >= {min_side}")
-        return self.main(x_BCHW)
+        return self.main(x_BFHW)
 
 
 def build_discriminator(weights: str | os.PathLike | None = None, *, input_nc: int = 3, ndf: int = 64,

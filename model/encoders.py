@@ -13,7 +13,7 @@ This file must not hold the REPA projector or loss (model/sit.py, model/losses.p
 (model/weights.py reads every file); other encoder families (mocov3, clip, mae, jepa, dinov1) are not here.
 """
 
-# B batch, T tokens (patches), E encoder dim, R raw image side, S DINOv2 input side
+# B batch, N encoder tokens (patches), E encoder width, R image side, S DINOv2 input side
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ forwards, the discriminator or its requires_grad switching (the caller runs the 
 generator terms), optimizer code, or the REPA cosine math itself (repae.kernels.repa_loss).
 """
 
-# B batch, T tokens, E encoder dim, H/W image height/width
+# B batch, N encoder tokens, E encoder width, C latent channels, H, W height and width
 
 from __future__ import annotations
 

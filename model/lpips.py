@@ -14,7 +14,7 @@ with N torchvision's `features.N` index, `lin{0..4}.model.1.weight`. The module 
 eval mode (the original calls self.eval() on every call), so its dropout is inactive.
 """
 
-# B batch, H/W image height/width, C feature channels
+# B batch, H, W image height and width, F feature channels
 
 from __future__ import annotations
 
@@ -110,14 +110,14 @@ class NetLinLayer(nn.Module):
         super().__init__()
         self.model = nn.Sequential(nn.Dropout(), nn.Conv2d(chn_in, chn_out, 1, stride=1, padding=0, bias=False))
 
-    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
-        return self.model(x_BCHW)
+    def forward(self, x_BFHW: torch.Tensor) -> torch.Tensor:
+        return self.model(x_BFHW)
 
 
-def normalize_tensor(f_BCHW: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+def normalize_tensor(f_BFHW: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
     """Unit-normalize along channels: f / (sqrt(sum_c f^2) + eps)."""
-    norm = torch.sqrt(torch.sum(f_BCHW**2, dim=1, keepdim=True))  # (B, 1, H, W)
-    return f_BCHW / (norm + eps)
+    norm = torch.sqrt(torch.sum(f_BFHW**2, dim=1, keepdim=True))  # (B, 1, H, W)
+    return f_BFHW / (norm + eps)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ hands its MLP branch (y, gate) on, and the next block's first norm computes x + 
 LayerNorm in one pass. The latent BatchNorm and the flow interpolation are one `latent_bn_interp` call.
 """
 
-# B batch, T tokens, D hidden, C latent channels, P patch, E encoder feature dim
+# B batch, T tokens, D hidden, C latent channels, H, W latent sides, P patch size, F patch features (P*P*C),
+# E encoder width
 
 from __future__ import annotations
 

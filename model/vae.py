@@ -11,7 +11,8 @@ VAE loss lives in model/losses.py), the latent BatchNorm (kernels/) or a weight-
 (model/weights.py reads and writes every file).
 """
 
-# B batch, C channels, H/W image height/width, h/w latent height/width, E latent channels (embed_dim)
+# B batch, F feature channels, H, W image height and width, h, w latent height and width, C latent channels
+# (embed_dim)
 
 from __future__ import annotations
 
@@ -156,14 +157,14 @@ class AttnBlock(nn.Module):
         self.v = nn.Conv2d(channels, channels, kernel_size=1)
         self.proj_out = nn.Conv2d(channels, channels, kernel_size=1)
 
-    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
-        h = self.norm(x_BCHW)
+    def forward(self, x_BFHW: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x_BFHW)
         B, C, H, W = h.shape
         # (B, C, H, W) -> (B, 1 head, HW, C) for q, k and v
         q, k, v = (conv(h).reshape(B, 1, C, H * W).transpose(-1, -2) for conv in (self.q, self.k, self.v))
         # PARITY: the original writes bmm + softmax + bmm; SDPA is the same math (scale C^-0.5 is its default).
         out = F.scaled_dot_product_attention(q, k, v)  # (B, 1, HW, C)
-        return x_BCHW + self.proj_out(out.transpose(-1, -2).reshape(B, C, H, W))
+        return x_BFHW + self.proj_out(out.transpose(-1, -2).reshape(B, C, H, W))
 
 
 def _level(blocks: Sequence[nn.Module], attns: Sequence[nn.Module]) -> nn.Module:
@@ -251,8 +252,8 @@ class Decoder(nn.Module):
         self.norm_out = Normalize(block_in)
         self.conv_out = nn.Conv2d(block_in, cfg.in_channels, kernel_size=3, stride=1, padding=1)
 
-    def forward(self, z_BEhw: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(z_BEhw)  # (B, ch * ch_mult[-1], h, w)
+    def forward(self, z_BChw: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(z_BChw)  # (B, ch * ch_mult[-1], h, w)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         for i in reversed(range(len(self.up))):
             level = self.up[i]
@@ -319,11 +320,11 @@ class AutoencoderKL(nn.Module):
         self._check("x", x_B3HW, self.config.in_channels, self.config.factor)
         return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x_B3HW)))
 
-    def decode(self, z_BEhw: torch.Tensor) -> torch.Tensor:
+    def decode(self, z_BChw: torch.Tensor) -> torch.Tensor:
         """Image in [-1, 1] (not clamped), [B, 3, h*f, w*f]."""
         # PARITY: the original returns a dict-like with `.sample`; this returns that tensor itself.
-        self._check("z", z_BEhw, self.config.embed_dim, 1)
-        return self.decoder(self.post_quant_conv(z_BEhw))
+        self._check("z", z_BChw, self.config.embed_dim, 1)
+        return self.decoder(self.post_quant_conv(z_BChw))
 
     def forward(self, x_B3HW: torch.Tensor, *, sample_posterior: bool = True, generator: torch.Generator | None = None,
                 noise: torch.Tensor | None = None) -> tuple[DiagonalGaussianDistribution, torch.Tensor, torch.Tensor]:

@@ -1,7 +1,7 @@
-"""Training images for the trainer: a class-folder source that yields (uint8 [b,3,R,R], int64 [b]) per rank.
+"""Training images for the trainer: a class-folder source that yields (uint8 [B, 3, R, R], int64 [B]) per rank.
 
-    source = ImageFolderSource(root, 256, global_batch_size=256, rank=r, world_size=W, seed=0)
-    images_b3RR, labels_b = source.next_batch()          # this rank's slice of the next global batch
+    source = ImageFolderSource(root, 256, global_batch_size=256, rank=r, world_size=world, seed=0)
+    images_B3RR, labels_B = source.next_batch()          # this rank's slice of the next global batch
     state = source.state_dict(); ...; source.load_state_dict(state)   # resumes at the very next batch
 
 Holds: the folder scan and labels of the original `preprocessing.py` (docs/METHOD.md#data-preprocessing), the ADM
@@ -11,7 +11,7 @@ VAE/latent code or anything of the train step: a GPU (DALI) source replaces this
 The batch order (world-size independent) is train/sharding.py's; the synthetic demo set is train/demo_data.py's.
 
 Unreadable files (truncated, corrupt, empty, not an image): index i that fails to decode is replaced by the
-next readable index i+1, i+2, ... (mod N) in the sorted file order, so the replacement depends only on the
+next readable index i+1, i+2, ... (mod n) in the sorted file order, so the replacement depends only on the
 files, never on the worker count or the world size; batch shapes, order and resume stay exact. Each sample
 carries the (index, reason) of the files it skipped; the main process logs each file once per rank with its
 name and reason, counts the distinct files, and stops with one ValueError line when a rank has met more
@@ -19,7 +19,7 @@ than `max_bad_images` (config key data.max_bad_images). Corruption inside the JP
 libjpeg decodes without an error (garbled pixels) cannot be seen here and is not counted.
 """
 
-# b per-rank batch, G global batch, W world size, R resolution, N images
+# B batch (this rank), G global batch, R resolution; in formulas n images
 
 from __future__ import annotations
 
@@ -159,9 +159,9 @@ class ImageFolderDataset(Dataset):
         return os.path.join(self.root, self.relpaths[index].decode())
 
     def __getitem__(self, index: int) -> Sample:
-        """Decode `index`, or the first readable of index+1, index+2, ... (mod N) if it cannot be read.
+        """Decode `index`, or the first readable of index+1, index+2, ... (mod n) if it cannot be read.
 
-        At most max_bad_images + 1 files are probed (never more than N): past that the main process stops
+        At most max_bad_images + 1 files are probed (never more than n): past that the main process stops
         the run anyway, and the sample comes back with index -1 and a zero image.
         """
         bad = []
@@ -180,12 +180,12 @@ class ImageFolderDataset(Dataset):
 
 
 def collate_samples(samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple]:
-    """Samples -> (images uint8 [b,3,R,R], labels int64 [b], indices int64 [b], bad (index, reason, used) tuples)."""
+    """Samples -> (images uint8 [B, 3, R, R], labels int64 [B], indices int64 [B], bad (index, reason, used) tuples)."""
     # PERF: default_collate stacks into shared memory inside a worker (no extra copy through the queue).
-    images_b3RR, labels_b = default_collate([(s.image, s.label) for s in samples])
-    indices_b = torch.tensor([s.index for s in samples], dtype=torch.int64)
+    images_B3RR, labels_B = default_collate([(s.image, s.label) for s in samples])
+    indices_B = torch.tensor([s.index for s in samples], dtype=torch.int64)
     bad = tuple((i, reason, s.index) for s in samples for i, reason in s.bad)
-    return images_b3RR, labels_b, indices_b, bad
+    return images_B3RR, labels_B, indices_B, bad
 
 
 class ImageFolderSource:
@@ -247,9 +247,9 @@ class ImageFolderSource:
 
     @property
     def steps_per_epoch(self) -> int:
-        """Global batches per epoch (N // G with drop_last, else ceil(N / G))."""
-        N, G = self.num_images, self.global_batch_size
-        return N // G if self.drop_last else -(-N // G)
+        """Global batches per epoch (n // G with drop_last, else ceil(n / G))."""
+        n, G = self.num_images, self.global_batch_size
+        return n // G if self.drop_last else -(-n // G)
 
     @property
     def batch_per_rank(self) -> int:
@@ -266,7 +266,7 @@ class ImageFolderSource:
                             persistent_workers=False, worker_init_fn=shield_loader_worker)
         return iter(loader)
 
-    def _note_bad(self, bad: tuple, indices_b: torch.Tensor) -> None:
+    def _note_bad(self, bad: tuple, indices_B: torch.Tensor) -> None:
         """Log each new unreadable file once (rank, path, reason, replacement); stop past max_bad_images."""
         for i, reason, used in bad:
             relpath = self.dataset.relpaths[i].decode()
@@ -281,21 +281,21 @@ class ImageFolderSource:
             raise ValueError(f"{self.num_bad_images} unreadable images on rank {self.rank} exceed "
                              f"data.max_bad_images={self.max_bad_images} (last: {os.path.join(self.root, relpath)}: "
                              f"{reason}); fix or remove the files, or raise data.max_bad_images")
-        if bool((indices_b < 0).any()):
+        if bool((indices_B < 0).any()):
             raise ValueError(f"no readable image among the {self.num_images} files under data.root={self.root} "
                              f"({self.num_bad_images} unreadable, e.g. {next(iter(self.bad_images.items()))})")
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's next (images uint8 [b,3,R,R], labels int64 [b]); wraps into the next epoch by itself."""
+        """This rank's next (images uint8 [B, 3, R, R], labels int64 [B]); wraps into the next epoch by itself."""
         if self._it is None:
             self._it = self._loader()
-        images_b3RR, labels_b, indices_b, bad = next(self._it)
-        if bad or bool((indices_b < 0).any()):
-            self._note_bad(bad, indices_b)
+        images_B3RR, labels_B, indices_B, bad = next(self._it)
+        if bad or bool((indices_B < 0).any()):
+            self._note_bad(bad, indices_B)
         self.batch_in_epoch += 1
         if self.batch_in_epoch >= self.steps_per_epoch:
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-        return images_b3RR, labels_b.to(torch.int64)
+        return images_B3RR, labels_B.to(torch.int64)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """next_batch() forever (training is counted in steps, not epochs)."""
