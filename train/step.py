@@ -9,9 +9,9 @@
     5  EMA       of the SiT parameters and BN buffers
 
 The models arrive as engines (train/engine.py): anything with `.module`, `__call__`, `backward(loss)` and
-`step()`. Frozen passes call the
-module through `torch.func.functional_call` with detached parameters, so no engine parameter ever has
-its `requires_grad` toggled (ZeRO's gradient hooks stay intact) and no frozen weight gradient is built.
+`step()`. Frozen passes call the module through `torch.func.functional_call` with detached parameters, so no
+engine parameter ever has its `requires_grad` toggled (ZeRO's gradient hooks stay intact) and no frozen weight
+gradient is built.
 t, eps, the label-drop mask and the posterior noise come in as arguments (the trainer draws them).
 The step returns 0-d tensors and makes one host sync per model: the finiteness check of its loss, taken
 over all ranks (one 1-element all-reduce), so a non-finite loss on any rank skips that model's update on
