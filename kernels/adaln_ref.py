@@ -10,7 +10,7 @@ This is exactly SiT's `x = x + gate.unsqueeze(1) * branch(...)` followed by
 `modulate(norm(x), shift, scale)` (repae_reference.md 2.2).
 """
 
-# B batch, T tokens, D hidden
+# B batch, T SiT tokens, D SiT hidden width
 
 from __future__ import annotations
 
@@ -35,8 +35,7 @@ def adaln_ref(
     it (an fp32 residual stream promotes the bf16 branch; h is cast to out_dtype, default x.dtype).
     upcast=True is the oracle: everything in float64, results left in float64.
     """
-    if (y is None) != (gate is None):
-        raise ValueError("adaln: y and gate must be given together (the gated residual) or both omitted")
+    assert (y is None) == (gate is None), "y and gate go together"
     out_dtype = x.dtype if out_dtype is None else out_dtype
     if upcast:
         x, shift, scale = x.double(), shift.double(), scale.double()

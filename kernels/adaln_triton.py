@@ -22,7 +22,7 @@ Bytes per call (E = B*T*D elements): forward reads x, y and writes x_new, h (4E)
 dR, x_new, y and writes dx, dy (6E), plus 3*B*chunks*D*4 bytes of partials when COND_GRAD.
 """
 
-# B batch, T tokens, D hidden
+# B batch, T SiT tokens, D SiT hidden width
 
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import check_adaln_inputs
-from ._launch import acc_dtype, check_runnable, contiguous, device_sm_count, next_pow2, tl_dtype, warps_for_block
+from ._launch import acc_dtype, adaln_chunking, contiguous, next_pow2, row_warps, tl_dtype
+from ._library import placeholder, registered_launcher
 
 
 @triton.jit
@@ -129,19 +129,18 @@ def _adaln_bwd_kernel(
         tl.store(DSHIFT_PART + part, acc_shift, mask=mask)
 
 
-def _chunking(x_BTD: torch.Tensor) -> tuple[int, int]:
-    """(rows_per_prog, num_chunks): about 8 programs per SM, never more rows than T.
-
-    PERF: untuned placeholder (not yet measured on a GPU); flash-attn's LN backward uses
-    8 programs per SM, which is the starting point here.
-    """
-    B, T, _ = x_BTD.shape
-    target_programs = 8 * device_sm_count(x_BTD)
-    num_chunks = max(1, min(T, target_programs // max(B, 1)))
-    rows_per_prog = triton.cdiv(T, num_chunks)
-    return rows_per_prog, triton.cdiv(T, rows_per_prog)
+def _adaln_fwd_fake(x, shift, scale, y, gate, eps, out_dtype):
+    B, T, D = x.shape
+    stats = x.new_empty(B * T, dtype=acc_dtype(x))
+    x_new = x.new_empty(x.shape) if y is not None else placeholder(x)
+    return x_new, x.new_empty((B, T, D), dtype=out_dtype), stats, torch.empty_like(stats)
 
 
+@registered_launcher(
+    "adaln_fwd", fake=_adaln_fwd_fake,
+    schema="(Tensor x, Tensor shift, Tensor scale, Tensor? y, Tensor? gate, float eps, ScalarType out_dtype) "
+           "-> (Tensor, Tensor, Tensor, Tensor)",
+)
 def adaln_fwd(
     x_BTD: torch.Tensor,
     shift_BD: torch.Tensor,
@@ -151,31 +150,42 @@ def adaln_fwd(
     eps: float,
     out_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the forward; returns (x_new, h, mean_BT, rstd_BT). x_new is x itself without residual."""
-    check_adaln_inputs(x_BTD, shift_BD, scale_BD, y_BTD, gate_BD)
-    check_runnable(x_BTD.device)
+    """Launch the forward; returns (x_new, h, mean_BT, rstd_BT), x_new a placeholder without a residual (it is
+    x itself). Inputs as kernels.adaln validated them."""
+    assert x_BTD.dim() == 3 and (y_BTD is None) == (gate_BD is None)
     x_BTD, y_BTD = contiguous(x_BTD), contiguous(y_BTD)
     B, T, D = x_BTD.shape
     has_residual = y_BTD is not None
-    x_new = torch.empty_like(x_BTD) if has_residual else x_BTD
+    x_new = torch.empty_like(x_BTD) if has_residual else placeholder(x_BTD)
     h = torch.empty(B, T, D, device=x_BTD.device, dtype=out_dtype)
     mean = torch.empty(B * T, device=x_BTD.device, dtype=acc_dtype(x_BTD))
     rstd = torch.empty_like(mean)
     if B * T == 0:
         return x_new, h, mean, rstd
-    rows, chunks = _chunking(x_BTD)
+    rows, chunks = adaln_chunking(x_BTD)
     block = next_pow2(D)
     gate_arg = gate_BD if has_residual else shift_BD  # never read without HAS_RESIDUAL
     _adaln_fwd_kernel[(B, chunks)](
         x_BTD, y_BTD if has_residual else x_BTD, gate_arg, shift_BD, scale_BD,
-        x_new, h, mean, rstd,
+        x_new if has_residual else x_BTD, h, mean, rstd,
         gate_arg.stride(0), shift_BD.stride(0), scale_BD.stride(0),
         T, D, rows, eps,
-        HAS_RESIDUAL=has_residual, BLOCK_D=block, ACC=tl_dtype(mean.dtype), num_warps=warps_for_block(block),
+        HAS_RESIDUAL=has_residual, BLOCK_D=block, ACC=tl_dtype(mean.dtype), num_warps=row_warps(block),
     )
     return x_new, h, mean, rstd
 
 
+def _adaln_bwd_fake(dh, dxnew, xnew, scale, y, gate, mean, rstd, cond_grad):
+    B, _, D = xnew.shape
+    dy = y.new_empty(y.shape) if y is not None else placeholder(xnew)
+    return xnew.new_empty(xnew.shape), dy, (mean.new_empty((3, B, D)) if cond_grad else placeholder(mean))
+
+
+@registered_launcher(
+    "adaln_bwd", fake=_adaln_bwd_fake,
+    schema="(Tensor dh, Tensor? dxnew, Tensor xnew, Tensor scale, Tensor? y, Tensor? gate, Tensor mean, Tensor rstd, "
+           "bool cond_grad) -> (Tensor, Tensor, Tensor)",
+)
 def adaln_bwd(
     dh_BTD: torch.Tensor,
     dxnew_BTD: torch.Tensor | None,
@@ -186,16 +196,17 @@ def adaln_bwd(
     mean_BT: torch.Tensor,
     rstd_BT: torch.Tensor,
     cond_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Launch the backward; returns (dx, dy or None, cond or None) with cond = [dgate, dscale, dshift] as one
-    fp32 [3, B, D] tensor (dgate rows are zero without a residual)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the backward; returns (dx, dy, cond) with cond = [dgate, dscale, dshift] as one fp32 [3, B, D]
+    tensor (dgate rows zero without a residual); dy without a residual and cond without cond_grad are
+    placeholders."""
     B, T, D = xnew_BTD.shape
     has_residual = y_BTD is not None
     # every [B, T, D] operand is indexed as dense rows (a saved y may be a strided view of the caller's)
     dh_BTD, dxnew_BTD, xnew_BTD, y_BTD = (contiguous(t) for t in (dh_BTD, dxnew_BTD, xnew_BTD, y_BTD))
     dx = torch.empty_like(xnew_BTD)
-    dy = torch.empty_like(y_BTD) if has_residual else None
-    rows, chunks = _chunking(xnew_BTD)
+    dy = torch.empty_like(y_BTD) if has_residual else placeholder(xnew_BTD)
+    rows, chunks = adaln_chunking(xnew_BTD)
     parts = torch.empty(3, B, chunks, D, device=xnew_BTD.device, dtype=mean_BT.dtype) if cond_grad else None
     if B * T > 0:
         block = next_pow2(D)
@@ -208,10 +219,10 @@ def adaln_bwd(
             gate_arg.stride(0), scale_BD.stride(0),
             T, D, rows, chunks,
             HAS_RESIDUAL=has_residual, HAS_DXNEW=dxnew_BTD is not None, COND_GRAD=cond_grad,
-            BLOCK_D=block, ACC=tl_dtype(mean_BT.dtype), num_warps=warps_for_block(block),
+            BLOCK_D=block, ACC=tl_dtype(mean_BT.dtype), num_warps=row_warps(block),
         )
     if not cond_grad:
-        return dx, dy, None
+        return dx, dy, placeholder(mean_BT)
     if B * T == 0:
         parts.zero_()
     cond = parts.sum(dim=2)  # (3, B, D), fixed-order reduction over chunks: deterministic
@@ -220,16 +231,17 @@ def adaln_bwd(
     return dx, dy, cond
 
 
+adaln_fwd_op, adaln_bwd_op = adaln_fwd.op, adaln_bwd.op  # the repae:: ops torch.compile records
+
+
 class AdaLNFn(torch.autograd.Function):
-    """Autograd wrapper: forward returns (x_new, h) with a residual, h alone without one. Under
-    torch.compile (dynamo traces forward and backward) the launches go through the repae:: ops below."""
+    """Autograd of the fused adaLN: forward returns (x_new, h) with a residual, h alone without one."""
 
     @staticmethod
     def forward(ctx, x, shift, scale, y, gate, eps, out_dtype):
-        launch = _fwd_through_op if torch.compiler.is_compiling() else adaln_fwd
-        x_new, h, mean, rstd = launch(x, shift, scale, y, gate, eps, out_dtype)
-        ctx.save_for_backward(x_new, scale, y, gate, mean, rstd)
+        x_new, h, mean, rstd = adaln_fwd(x, shift, scale, y, gate, eps, out_dtype)
         ctx.has_residual = y is not None
+        ctx.save_for_backward(x_new if ctx.has_residual else x, scale, y, gate, mean, rstd)
         ctx.cond_dtypes = (shift.dtype, scale.dtype, None if gate is None else gate.dtype)
         ctx.set_materialize_grads(False)
         return (x_new, h) if ctx.has_residual else h
@@ -241,9 +253,7 @@ class AdaLNFn(torch.autograd.Function):
         if dh is None:
             dh = torch.zeros_like(x_new)
         _, need_shift, need_scale, need_y, need_gate = ctx.needs_input_grad[:5]
-        cond_grad = need_shift or need_scale or need_gate
-        launch = _bwd_through_op if torch.compiler.is_compiling() else adaln_bwd
-        dx, dy, cond = launch(dh, dxnew, x_new, scale, y, gate, mean, rstd, cond_grad)
+        dx, dy, cond = adaln_bwd(dh, dxnew, x_new, scale, y, gate, mean, rstd, need_shift or need_scale or need_gate)
         shift_dtype, scale_dtype, gate_dtype = ctx.cond_dtypes
         return (
             dx,
@@ -256,66 +266,8 @@ class AdaLNFn(torch.autograd.Function):
         )
 
 
-# ---------------------------------------------------------------------------------------------------
-# torch.library ops: what torch.compile records for each launch (one opaque graph node each, no graph
-# break). AdaLNFn calls them while compiling and the launchers directly otherwise (less dispatch
-# overhead). An op's output may not alias an input or another output, and an op returns tensors, not
-# None: hence the empty placeholders where a launcher returns x itself or nothing.
-# ---------------------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op(
-    "repae::adaln_fwd", mutates_args=(),
-    schema="(Tensor x, Tensor shift, Tensor scale, Tensor? y, Tensor? gate, float eps, ScalarType out_dtype) "
-           "-> (Tensor, Tensor, Tensor, Tensor)",
-)
-def adaln_fwd_op(x, shift, scale, y, gate, eps, out_dtype):
-    """adaln_fwd as an op: (x_new, h, mean, rstd), x_new empty without a residual."""
-    x_new, h, mean, rstd = adaln_fwd(x, shift, scale, y, gate, eps, out_dtype)
-    return (x_new if y is not None else x.new_empty(0)), h, mean, rstd
-
-
-@adaln_fwd_op.register_fake
-def _(x, shift, scale, y, gate, eps, out_dtype):
-    B, T, D = x.shape
-    stats = x.new_empty(B * T, dtype=acc_dtype(x))
-    x_new = x.new_empty(x.shape) if y is not None else x.new_empty(0)
-    return x_new, x.new_empty((B, T, D), dtype=out_dtype), stats, torch.empty_like(stats)
-
-
-def _fwd_through_op(x, shift, scale, y, gate, eps, out_dtype):
-    """adaln_fwd's interface over the op."""
-    check_adaln_inputs(x, shift, scale, y, gate)  # at trace time, before the fake kernel sees bad shapes
-    x_new, h, mean, rstd = adaln_fwd_op(x, shift, scale, y, gate, eps, out_dtype)
-    return (x_new if y is not None else x), h, mean, rstd
-
-
-@torch.library.custom_op(
-    "repae::adaln_bwd", mutates_args=(),
-    schema="(Tensor dh, Tensor? dxnew, Tensor xnew, Tensor scale, Tensor? y, Tensor? gate, Tensor mean, Tensor rstd, "
-           "bool cond_grad) -> (Tensor, Tensor, Tensor)",
-)
-def adaln_bwd_op(dh, dxnew, xnew, scale, y, gate, mean, rstd, cond_grad):
-    """adaln_bwd as an op: (dx, dy, cond [3, B, D]), empty where adaln_bwd gives None."""
-    dx, dy, cond = adaln_bwd(dh, dxnew, xnew, scale, y, gate, mean, rstd, cond_grad)
-    return dx, (dy if dy is not None else xnew.new_empty(0)), (cond if cond is not None else mean.new_empty(0))
-
-
-@adaln_bwd_op.register_fake
-def _(dh, dxnew, xnew, scale, y, gate, mean, rstd, cond_grad):
-    B, _, D = xnew.shape
-    dy = y.new_empty(y.shape) if y is not None else xnew.new_empty(0)
-    return xnew.new_empty(xnew.shape), dy, (mean.new_empty((3, B, D)) if cond_grad else mean.new_empty(0))
-
-
-def _bwd_through_op(dh, dxnew, xnew, scale, y, gate, mean, rstd, cond_grad):
-    """adaln_bwd's interface over the op."""
-    dx, dy, cond = adaln_bwd_op(dh, dxnew, xnew, scale, y, gate, mean, rstd, cond_grad)
-    return dx, (dy if y is not None else None), (cond if cond_grad else None)
-
-
 def adaln_triton(x, shift, scale, *, y=None, gate=None, eps=1e-6, out_dtype=None):
-    """Triton backend of kernels.adaln: returns (x_new, h)."""
+    """Triton backend of kernels.adaln (inputs validated there): returns (x_new, h)."""
     out_dtype = x.dtype if out_dtype is None else out_dtype
-    out = AdaLNFn.apply(x, shift, scale, y, gate, eps, out_dtype)  # adaln_fwd checks the inputs
+    out = AdaLNFn.apply(x, shift, scale, y, gate, eps, out_dtype)
     return out if y is not None else (x, out)  # a block's first norm: x_new is x itself

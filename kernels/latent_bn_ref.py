@@ -75,8 +75,7 @@ def latent_bn_ref(
         num_batches_tracked.add_(1)
     factor = momentum
     if use_batch_stats and momentum is None:
-        if num_batches_tracked is None:
-            raise ValueError("latent_bn: momentum=None (cumulative average) needs num_batches_tracked")
+        assert num_batches_tracked is not None, "momentum=None (cumulative average) needs num_batches_tracked"
         factor = 1.0 / float(num_batches_tracked)
     fp64 = upcast or z.dtype == torch.float64
     if not fp64 and stats_hook is None:

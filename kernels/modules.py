@@ -4,7 +4,8 @@ LatentBatchNorm keeps nn.BatchNorm2d(C, affine=False)'s state_dict keys (running
 num_batches_tracked), so an official SiT checkpoint's `bn.*` entries load strictly.
 """
 
-# B batch, T tokens, D hidden, N patch tokens, C channels
+# B batch, T SiT tokens, D SiT hidden width, N encoder tokens, C latent channels (in the REPA loss: the feature
+# width of both inputs, the glossary's E), H, W latent height and width (docs/ARCHITECTURE.md#shape-letters)
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from . import adaln, latent_bn, latent_bn_denorm, latent_bn_interp, repa_loss
+from .functional import adaln, latent_bn, latent_bn_denorm, latent_bn_interp, repa_loss
 from .latent_bn_ref import StatsHook
 
 

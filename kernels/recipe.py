@@ -1,7 +1,8 @@
 """The per-GPU tensor shapes of the REPA-E recipe (SiT-XL/2 on 256 px images, DINOv2-B, 32 images per GPU): the
 shapes the kernels are compile-checked (compile_check.py) and benchmarked (bench/shapes.py) at. One table."""
 
-# B batch, T tokens, D hidden, N encoder tokens, E encoder dim, C latent channels, H W latent height and width
+# B batch, T SiT tokens, D SiT hidden width, N encoder tokens, E encoder width, C latent channels, H, W latent height
+# and width
 
 ADALN_BTD = (32, 256, 1152)
 """adaLN on SiT-XL/2's residual stream: 256 tokens of a 32x32 latent in 2x2 patches, hidden 1152."""

@@ -9,7 +9,8 @@ This is REPA-E's per-sample loop (repae_reference.md 2.4 step 8) written as one 
 normalize and the dot product run in fp32 (REPA issue #46: fp16 F.normalize gives NaNs).
 """
 
-# B batch, N patch tokens, C encoder feature dim
+# B batch, N encoder tokens, C the feature width of both inputs (the glossary's E, encoder width:
+# docs/ARCHITECTURE.md#shape-letters)
 
 from __future__ import annotations
 

@@ -16,7 +16,8 @@ Grid: (cdiv(M, rows_per_prog),), BLOCK_M rows x BLOCK_C = next_pow2(C) columns p
 Limit: C <= 16384. Bytes: forward reads a, b; backward reads a, b and writes da (and db if needed).
 """
 
-# B batch, N patch tokens, C encoder feature dim, M = B * N rows
+# B batch, N encoder tokens, C the feature width of both inputs (the glossary's E, encoder width:
+# docs/ARCHITECTURE.md#shape-letters), M = B * N rows
 
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import check_repa_inputs
-from ._launch import acc_dtype, check_runnable, contiguous, device_sm_count, next_pow2, tl_dtype
+from ._launch import REPA_NUM_WARPS, REPA_PARTIALS_BLOCK, acc_dtype, contiguous, repa_tiling, tl_dtype
+from ._library import placeholder, registered_launcher
 
 
 @triton.jit
@@ -103,28 +104,18 @@ def _repa_loss_bwd_kernel(
             tl.store(DB + offs, db.to(DB.dtype.element_ty), mask=mask)
 
 
-def _tiling(a: torch.Tensor) -> tuple[int, int, int, int]:
-    """(BLOCK_C, BLOCK_M, rows_per_prog, num_progs): ~4096-element tiles, ~4 programs per SM.
+def _repa_loss_fwd_fake(zs_tilde, zs, eps):
+    return zs.new_empty((), dtype=acc_dtype(zs_tilde, zs))
 
-    PERF: untuned placeholder (not yet measured on a GPU).
-    """
+
+@registered_launcher("repa_loss_fwd", fake=_repa_loss_fwd_fake,
+                     schema="(Tensor zs_tilde, Tensor zs, float eps) -> Tensor")
+def repa_loss_fwd(zs_tilde_BNC: torch.Tensor, zs_BNC: torch.Tensor, eps: float) -> torch.Tensor:
+    """Launch the forward; returns the 0-d fp32 loss. Inputs as kernels.repa_loss validated them."""
+    a, b = contiguous(zs_tilde_BNC), contiguous(zs_BNC)
     M, C = a.shape[0] * a.shape[1], a.shape[2]
-    block_c = next_pow2(C)
-    block_m = max(1, 4096 // block_c)
-    target = 4 * device_sm_count(a)
-    rows = block_m * max(1, triton.cdiv(M, target * block_m))
-    return block_c, block_m, rows, triton.cdiv(M, rows)
-
-
-def repa_loss_fwd(zs_tilde: torch.Tensor, zs: torch.Tensor, eps: float) -> torch.Tensor:
-    """Launch the forward; returns the 0-d fp32 loss."""
-    check_repa_inputs(zs_tilde, zs)
-    check_runnable(zs.device)
-    a, b = contiguous(zs_tilde), contiguous(zs)
-    M, C = a.shape[0] * a.shape[1], a.shape[2]
-    if M == 0:
-        raise ValueError(f"repa_loss: empty input {list(a.shape)} (the mean over zero tokens is undefined)")
-    block_c, block_m, rows, num_progs = _tiling(a)
+    assert a.shape == b.shape and M > 0
+    block_c, block_m, rows, num_progs = repa_tiling(a)
     acc = acc_dtype(a, b)
     partial = torch.empty(num_progs, device=a.device, dtype=acc)
     ticket = torch.zeros(1, device=a.device, dtype=torch.int32)
@@ -132,40 +123,47 @@ def repa_loss_fwd(zs_tilde: torch.Tensor, zs: torch.Tensor, eps: float) -> torch
     _repa_loss_fwd_kernel[(num_progs,)](
         a, b, partial, ticket, loss,
         M, C, rows, num_progs, eps, -1.0 / M,
-        BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_P=1024, ACC=tl_dtype(acc), num_warps=4,
+        BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_P=REPA_PARTIALS_BLOCK, ACC=tl_dtype(acc), num_warps=REPA_NUM_WARPS,
     )
     return loss
 
 
-def repa_loss_bwd(
-    dloss: torch.Tensor, zs_tilde: torch.Tensor, zs: torch.Tensor, eps: float, need_da: bool, need_db: bool
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Launch the backward; returns (d zs_tilde, d zs), None where not needed."""
-    a, b = contiguous(zs_tilde), contiguous(zs)
+def _repa_loss_bwd_fake(dloss, zs_tilde, zs, eps, need_da, need_db):
+    da = zs_tilde.new_empty(zs_tilde.shape) if need_da else placeholder(zs_tilde)
+    return da, (zs.new_empty(zs.shape) if need_db else placeholder(zs))
+
+
+@registered_launcher(
+    "repa_loss_bwd", fake=_repa_loss_bwd_fake,
+    schema="(Tensor dloss, Tensor zs_tilde, Tensor zs, float eps, bool need_da, bool need_db) -> (Tensor, Tensor)",
+)
+def repa_loss_bwd(dloss: torch.Tensor, zs_tilde_BNC: torch.Tensor, zs_BNC: torch.Tensor, eps: float, need_da: bool,
+                  need_db: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the backward; returns (d zs_tilde, d zs), a placeholder where not needed."""
+    a, b = contiguous(zs_tilde_BNC), contiguous(zs_BNC)
     M, C = a.shape[0] * a.shape[1], a.shape[2]
-    da = torch.empty_like(a) if need_da else None
-    db = torch.empty_like(b) if need_db else None
-    block_c, block_m, rows, num_progs = _tiling(a)
+    da = torch.empty_like(a) if need_da else placeholder(a)
+    db = torch.empty_like(b) if need_db else placeholder(b)
+    block_c, block_m, rows, num_progs = repa_tiling(a)
     _repa_loss_bwd_kernel[(num_progs,)](
         a, b, dloss.reshape(()).contiguous(), da if need_da else a, db if need_db else b,
         M, C, rows, eps, -1.0 / M,
         HAS_DA=need_da, HAS_DB=need_db, BLOCK_M=block_m, BLOCK_C=block_c, ACC=tl_dtype(acc_dtype(a, b)),
-        num_warps=4,
+        num_warps=REPA_NUM_WARPS,
     )
     return da, db
 
 
+repa_loss_fwd_op, repa_loss_bwd_op = repa_loss_fwd.op, repa_loss_bwd.op  # the repae:: ops torch.compile records
+
+
 class REPALossFn(torch.autograd.Function):
-    """Autograd wrapper of one encoder's loss: (zs_tilde, zs, eps) -> 0-d fp32 loss. Under torch.compile
-    (dynamo traces forward and backward) the launches go through the repae:: ops below."""
+    """Autograd of one encoder's loss: (zs_tilde, zs, eps) -> 0-d fp32 loss."""
 
     @staticmethod
     def forward(ctx, zs_tilde, zs, eps):
         ctx.save_for_backward(zs_tilde, zs)
         ctx.eps = eps
-        if torch.compiler.is_compiling():
-            check_repa_inputs(zs_tilde, zs)  # at trace time, before the fake kernel sees bad shapes
-            return repa_loss_fwd_op(zs_tilde, zs, eps)
         return repa_loss_fwd(zs_tilde, zs, eps)
 
     @staticmethod
@@ -174,46 +172,10 @@ class REPALossFn(torch.autograd.Function):
         need_da, need_db = ctx.needs_input_grad[:2]
         if not (need_da or need_db):
             return None, None, None
-        launch = repa_loss_bwd_op if torch.compiler.is_compiling() else repa_loss_bwd
-        da, db = launch(dloss, zs_tilde, zs, ctx.eps, need_da, need_db)
+        da, db = repa_loss_bwd(dloss, zs_tilde, zs, ctx.eps, need_da, need_db)
         return (da if need_da else None), (db if need_db else None), None
 
 
-# ---------------------------------------------------------------------------------------------------
-# torch.library ops: what torch.compile records for each launch (one opaque graph node each, no graph
-# break). REPALossFn calls them while compiling and the launchers directly otherwise (less dispatch
-# overhead). Empty placeholders stand for gradients not asked for (an op returns tensors, not None).
-# ---------------------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("repae::repa_loss_fwd", mutates_args=(),
-                         schema="(Tensor zs_tilde, Tensor zs, float eps) -> Tensor")
-def repa_loss_fwd_op(zs_tilde, zs, eps):
-    """repa_loss_fwd as an op."""
-    return repa_loss_fwd(zs_tilde, zs, eps)
-
-
-@repa_loss_fwd_op.register_fake
-def _(zs_tilde, zs, eps):
-    return zs.new_empty((), dtype=acc_dtype(zs_tilde, zs))
-
-
-@torch.library.custom_op(
-    "repae::repa_loss_bwd", mutates_args=(),
-    schema="(Tensor dloss, Tensor zs_tilde, Tensor zs, float eps, bool need_da, bool need_db) -> (Tensor, Tensor)",
-)
-def repa_loss_bwd_op(dloss, zs_tilde, zs, eps, need_da, need_db):
-    """repa_loss_bwd as an op: (d zs_tilde, d zs), empty where not needed."""
-    da, db = repa_loss_bwd(dloss, zs_tilde, zs, eps, need_da, need_db)
-    return (da if need_da else zs_tilde.new_empty(0)), (db if need_db else zs.new_empty(0))
-
-
-@repa_loss_bwd_op.register_fake
-def _(dloss, zs_tilde, zs, eps, need_da, need_db):
-    da = zs_tilde.new_empty(zs_tilde.shape) if need_da else zs_tilde.new_empty(0)
-    return da, (zs.new_empty(zs.shape) if need_db else zs.new_empty(0))
-
-
 def repa_loss_triton(zs_tilde: torch.Tensor, zs: torch.Tensor, *, eps: float = 1e-12) -> torch.Tensor:
-    """Triton backend of kernels.repa_loss for one encoder."""
+    """Triton backend of kernels.repa_loss for one encoder (inputs validated there)."""
     return REPALossFn.apply(zs_tilde, zs, eps)

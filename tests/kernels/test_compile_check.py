@@ -16,7 +16,8 @@ import pytest
 triton = pytest.importorskip("triton")
 
 KERNELS = {"_adaln_fwd_kernel", "_adaln_bwd_kernel", "_repa_loss_fwd_kernel", "_repa_loss_bwd_kernel",
-           "_latent_bn_fwd_kernel", "_latent_bn_bwd_kernel", "_latent_bn_denorm_kernel"}
+           "_latent_bn_stats_kernel", "_latent_bn_fwd_kernel", "_latent_bn_bwd_stats_kernel", "_latent_bn_bwd_kernel",
+           "_latent_bn_denorm_kernel"}
 
 
 @pytest.fixture(scope="module")
