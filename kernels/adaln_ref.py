@@ -7,7 +7,7 @@ baseline) and `make_adaln_inputs`, the one input factory used by tests and bench
     h     = LayerNorm(x_new; no affine, eps) * (1 + scale[b]) + shift[b]
 
 This is exactly SiT's `x = x + gate.unsqueeze(1) * branch(...)` followed by
-`modulate(norm(x), shift, scale)` (repae_reference.md 2.2).
+`modulate(norm(x), shift, scale)` (docs/METHOD.md#sit).
 """
 
 # B batch, T SiT tokens, D SiT hidden width

@@ -3,14 +3,14 @@
 Holds the reference math (eager backend, oracle with `upcast=True`, benchmark baseline), the path
 coefficients and `make_latent_bn_inputs`. No Triton.
 
-    BatchNorm2d(C, eps=1e-4, momentum=0.1, affine=False)       (repae_reference.md 1.6)
+    BatchNorm2d(C, eps=1e-4, momentum=0.1, affine=False)       (docs/METHOD.md#the-training-step)
     train: x0 = (z - mean_B) / sqrt(var_B + eps) with batch mean / biased var over (B, H, W);
            running_mean <- (1 - m) running_mean + m mean_B,  running_var <- (1 - m) running_var + m var_unbiased
     eval:  x0 = (z - running_mean) / sqrt(running_var + eps)
-    interpolation (2.4): x_t = alpha_t x0 + sigma_t eps,  v* = alpha'_t x0 + sigma'_t eps
+    interpolation: x_t = alpha_t x0 + sigma_t eps,  v* = alpha'_t x0 + sigma'_t eps
         linear: alpha = 1 - t, sigma = t, alpha' = -1, sigma' = 1
         cosine: alpha = cos(pi t / 2), sigma = sin(pi t / 2), alpha' = -pi/2 sin(pi t / 2), sigma' = pi/2 cos(pi t / 2)
-    denormalize (sampling, 1.6): z = x / rsqrt(running_var) + running_mean   (no eps)
+    denormalize (docs/METHOD.md#sampling): z = x / rsqrt(running_var) + running_mean   (no eps)
 
 A stats hook (SyncBN semantics) receives local per-channel statistics as a [3, C] tensor (fp32; fp64
 for fp64 latents) (count, sum(z - K), sum((z - K)^2)) and must sum it over ranks in place. It is called

@@ -5,7 +5,7 @@ Holds the reference math (eager backend, oracle with `upcast=True`, benchmark ba
 
     L = -mean_{b,n} < normalize(z_tilde[b, n]), normalize(z[b, n]) >,  normalize = F.normalize(eps=1e-12)
 
-This is REPA-E's per-sample loop (repae_reference.md 2.4 step 8) written as one batched expression;
+This is REPA-E's per-sample loop (docs/METHOD.md#loss-weights-and-optimizers) written as one batched expression;
 normalize and the dot product run in fp32 (REPA issue #46: fp16 F.normalize gives NaNs).
 """
 
