@@ -102,7 +102,7 @@ def enable_fp64() -> None:
     proxy = _Float64Torch()
     for name in ("repae.model.lpips", "repae.model.encoders", "repae.model.sit", "repae.model.vae",
                  "repae.model.losses", "repae.train.step", "repae.train.sync_bn", "repae.train.trainer",
-                 "repae.kernels", "repae.kernels._checks"):
+                 "repae.kernels.functional", "repae.kernels._checks"):
         mod = importlib.import_module(name)
         if getattr(mod, "torch", None) is torch:
             mod.torch = proxy
