@@ -48,16 +48,17 @@ from .checkpoint_io import (
     failure_text,
     fsync_dir,
     load_file,
+    need_keys,
     remove_tree,
     save_file,
 )
 from .distributed import barrier, first_failure
+from .engine import ENGINE_KINDS, PlainEngine
 
 CKPT_DIR = "checkpoints"
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
 TRAINER_FILE = "trainer.pt"
-MODEL_STATES = "mp_rank_00_model_states.pt"
 STEP_RE = re.compile(r"step([0-9]{7,})")
 TRAINER_KEYS = ("step", "ema", "random", "data", "nan_counts", "nan_total", "history", "config", "world_size")
 
@@ -139,24 +140,7 @@ def engine_kinds(engines: dict) -> dict[str, str]:
 
 def kinds_on_disk(path: str, names=("sit", "vae", "disc")) -> dict[str, str]:
     """The engine kinds a checkpoint folder was written with (export: no engines to ask)."""
-    return {k: "plain" if os.path.isfile(os.path.join(path, f"{k}.pt")) else "deepspeed" for k in names}
-
-
-def _need(obj, keys, path: str) -> dict:
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, expected a dict")
-    missing = [k for k in keys if k not in obj]
-    if missing:
-        raise CheckpointError(f"{path}: no entry {missing[0]!r} (written by another version, or damaged)")
-    return obj
-
-
-def _optim_file(folder: str, rank: int) -> str:
-    for prefix in ("", "bf16_"):
-        path = os.path.join(folder, f"{prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
-        if os.path.isfile(path):
-            return path
-    return os.path.join(folder, f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")  # missing: load_file says so
+    return {k: "plain" if PlainEngine.wrote(path, k) else "deepspeed" for k in names}
 
 
 def validate(path: str, kinds: dict[str, str]) -> CheckpointInfo:
@@ -168,7 +152,7 @@ def validate(path: str, kinds: dict[str, str]) -> CheckpointInfo:
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: missing folder")
     trainer_file = os.path.join(path, TRAINER_FILE)
-    state = _need(load_file(trainer_file, mmap=True), TRAINER_KEYS, trainer_file)
+    state = need_keys(load_file(trainer_file, mmap=True), TRAINER_KEYS, trainer_file)
     name = os.path.basename(path)
     if STEP_RE.fullmatch(name) and state["step"] != _step_of(name):
         raise CheckpointError(f"{trainer_file}: holds step {state['step']}, not the folder's {_step_of(name)}")
@@ -177,23 +161,10 @@ def validate(path: str, kinds: dict[str, str]) -> CheckpointInfo:
         raise CheckpointError(f"{trainer_file}: world_size {world!r} is not a positive integer")
     for r in range(world):
         rng_file = os.path.join(path, f"rng_rank{r}.pt")
-        _need(load_file(rng_file, mmap=True), ("torch",), rng_file)
+        need_keys(load_file(rng_file, mmap=True), ("torch",), rng_file)
     partitioned = {}
     for key, kind in kinds.items():
-        if kind == "plain":
-            file = os.path.join(path, f"{key}.pt")
-            _need(load_file(file, mmap=True), ("module", "optimizer"), file)
-            continue
-        folder = os.path.join(path, key)
-        if not os.path.isdir(folder):
-            raise CheckpointError(f"{folder}: missing engine folder (DeepSpeed engine {key})")
-        file = os.path.join(folder, MODEL_STATES)
-        states = _need(load_file(file, mmap=True), ("module", "optimizer", "dp_world_size"), file)
-        if states["optimizer"] is None:  # ZeRO 1/2: one optimizer partition per rank of the writing run
-            dp = states["dp_world_size"]
-            for r in range(dp):
-                optim = _optim_file(folder, r)
-                _need(load_file(optim, mmap=True), ("optimizer_state_dict",), optim)
+        if (dp := ENGINE_KINDS[kind].check_files(path, key)) is not None:
             partitioned[key] = dp
     return CheckpointInfo(path=path, step=state["step"], world_size=world, finite=bool(state.get("finite", True)),
                           config=state["config"], partitioned=partitioned)
@@ -369,8 +340,7 @@ def load_engines(path: str, engines: dict, device: torch.device) -> None:
 
 def engine_weights(path: str, key: str, kind: str) -> dict:
     """One engine's module state dict from a validated checkpoint folder, read weights-only (export)."""
-    file = os.path.join(path, f"{key}.pt") if kind == "plain" else os.path.join(path, key, MODEL_STATES)
-    return load_file(file)["module"]
+    return ENGINE_KINDS[kind].read_weights(path, key)
 
 
 def load_state(path: str, rank: int) -> tuple[dict, dict | None]:

@@ -101,6 +101,16 @@ def load_file(path: str, *, map_location="cpu", mmap: bool = False):
             raise CheckpointError(f"{path}: {_load_reason(err)}") from err
 
 
+def need_keys(obj, keys, path: str) -> dict:
+    """obj as a dict holding every key, else CheckpointError naming the file and the first missing key."""
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, expected a dict")
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise CheckpointError(f"{path}: no entry {missing[0]!r} (written by another version, or damaged)")
+    return obj
+
+
 def check_plain(obj, where: str) -> None:
     """Assert that obj is made of what weights-only loading reads back (a bug guard for what the trainer saves)."""
     if isinstance(obj, (torch.Tensor, torch.Size, int, float, bool, str, type(None))):

@@ -18,7 +18,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from .checkpoint_io import CheckpointError, failure_text, load_file, one_line, safe_engine, save_file
+from .checkpoint_io import CheckpointError, failure_text, load_file, need_keys, one_line, safe_engine, save_file
 
 
 class Engine(Protocol):
@@ -48,6 +48,19 @@ class Engine(Protocol):
     def load(self, folder: str, tag: str, device: torch.device) -> None:
         """Load weights and optimizer from a validated checkpoint folder; CheckpointError naming the file."""
 
+    # Per kind, without an engine (validation on rank 0, export):
+    @staticmethod
+    def check_files(folder: str, tag: str) -> int | None:
+        """Every file of this engine's part is present and weights-only loadable (tensors mapped, not read);
+        returns the world size that wrote a per-rank partitioned optimizer, None when it is not partitioned."""
+
+    @staticmethod
+    def read_weights(folder: str, tag: str) -> dict:
+        """The module state dict of this engine's part, read weights-only."""
+
+
+MODEL_STATES = "mp_rank_00_model_states.pt"
+"""DeepSpeed's file of an engine's weights (and, at ZeRO stage 0, its optimizer) inside <tag>/."""
 
 OPTIM_KEYS = ("lr", "betas", "eps", "weight_decay")
 """AdamW settings that a resume applies to the loaded param groups (loading restores the checkpoint's)."""
@@ -112,6 +125,28 @@ class PlainEngine:
             raise CheckpointError(f"{path}: could not be loaded into the {tag} engine ({type(err).__name__}: "
                                   f"{one_line(err)})") from err
 
+    @staticmethod
+    def wrote(folder: str, tag: str) -> bool:
+        return os.path.isfile(os.path.join(folder, f"{tag}.pt"))
+
+    @staticmethod
+    def check_files(folder: str, tag: str) -> int | None:
+        file = os.path.join(folder, f"{tag}.pt")
+        need_keys(load_file(file, mmap=True), ("module", "optimizer"), file)
+        return None
+
+    @staticmethod
+    def read_weights(folder: str, tag: str) -> dict:
+        return load_file(os.path.join(folder, f"{tag}.pt"))["module"]
+
+
+def _optim_file(folder: str, rank: int) -> str:
+    for prefix in ("", "bf16_"):
+        path = os.path.join(folder, f"{prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+        if os.path.isfile(path):
+            return path
+    return os.path.join(folder, f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")  # missing: load_file says so
+
 
 class DeepSpeedEngine:
     """A DeepSpeed engine seen through the Engine protocol; every other attribute is the wrapped engine's.
@@ -172,6 +207,28 @@ class DeepSpeedEngine:
                                   f"{one_line(err)})") from err
         if loaded is None:
             raise CheckpointError(f"{where}: DeepSpeed found no model states to load")
+
+    @staticmethod
+    def check_files(folder: str, tag: str) -> int | None:
+        where = os.path.join(folder, tag)
+        if not os.path.isdir(where):
+            raise CheckpointError(f"{where}: missing engine folder (DeepSpeed engine {tag})")
+        file = os.path.join(where, MODEL_STATES)
+        states = need_keys(load_file(file, mmap=True), ("module", "optimizer", "dp_world_size"), file)
+        if states["optimizer"] is not None:
+            return None
+        for r in range(states["dp_world_size"]):  # ZeRO 1/2: one optimizer partition per rank of the writing run
+            optim = _optim_file(where, r)
+            need_keys(load_file(optim, mmap=True), ("optimizer_state_dict",), optim)
+        return states["dp_world_size"]
+
+    @staticmethod
+    def read_weights(folder: str, tag: str) -> dict:
+        return load_file(os.path.join(folder, tag, MODEL_STATES))["module"]
+
+
+ENGINE_KINDS = {"plain": PlainEngine, "deepspeed": DeepSpeedEngine}
+"""Engine.kind -> its class: how checkpoint validation and export read a part without an engine."""
 
 
 def ds_config(cfg, world_size: int, grad_clip: float) -> dict:
