@@ -197,13 +197,14 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
 
 def check_paths(cfg: TrainConfig) -> None:
     """Every path the run will read must exist: FileNotFoundError naming the config key and the path."""
-    paths = [("data.root", cfg.data.root if cfg.data.source == "folder" else None), ("vae.weights", cfg.vae.weights),
-             ("vae.latents_stats", cfg.vae.latents_stats), ("vae.discriminator_weights", cfg.vae.discriminator_weights),
-             ("encoder.weights", cfg.encoder.weights), ("encoder.weights_dir", cfg.encoder.weights_dir),
-             ("loss.lpips_weights", cfg.loss.lpips_weights)]
-    if cfg.data.source == "folder" and cfg.data.root is None:
-        raise ValueError("config key data.root must be set for data.source=folder (an image folder with class "
-                         "sub-folders)")
+    reads_root = cfg.data.source not in ("demo", "synthetic")
+    paths = [("data.root", cfg.data.root if reads_root else None), ("data.file_list", cfg.data.file_list),
+             ("vae.weights", cfg.vae.weights), ("vae.latents_stats", cfg.vae.latents_stats),
+             ("vae.discriminator_weights", cfg.vae.discriminator_weights), ("encoder.weights", cfg.encoder.weights),
+             ("encoder.weights_dir", cfg.encoder.weights_dir), ("loss.lpips_weights", cfg.loss.lpips_weights)]
+    if reads_root and cfg.data.root is None:
+        raise ValueError(f"config key data.root must be set for data.source={cfg.data.source} (an image folder with "
+                         f"class sub-folders, or an images.h5 file)")
     for key, p in paths:
         if p is not None and not os.path.exists(p):
             raise FileNotFoundError(f"config key {key}: {p} does not exist")

@@ -27,7 +27,7 @@ from .config_rules import (
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 WEIGHTINGS = ("uniform", "lognormal")
-DATA_SOURCES = ("folder", "demo")
+DATA_SOURCES = ("auto", "dali", "folder", "h5", "demo", "synthetic")
 ENCODER_PATCH_GRID = 16
 """Image pixels per DINOv2 token side (224 px in, 14-px patches, per 256 px): the SiT grid must match it."""
 
@@ -185,14 +185,25 @@ class OptimSection:
 class DataSection:
     """Training images: uint8 RGB crops and int64 labels."""
 
-    source: str = "folder"
-    """folder: class folders under `root`; demo: a small synthetic set written into the run directory."""
+    source: str = "auto"
+    """Where the images come from (train/sources.py; the choice and its reason are logged once):
+    auto: dali when a GPU and NVIDIA DALI are present, h5 when `root` is an .h5 file, else folder;
+    dali: a class-folder tree (or `file_list`) decoded on the GPU by DALI (the `dali` extra);
+    folder: a class-folder tree (or `file_list`) decoded by PIL in worker processes (the exact reference crop);
+    h5: the `images.h5` the original's preprocessing writes (or `python -m repae.train.dataset_tool prepare`);
+    demo: the real photographs shipped in train/assets/demo_photos (copied into the run directory);
+    synthetic: a small generated set written into the run directory (tests)."""
     root: str | None = None
-    """Image folder (class sub-folders) for source=folder."""
+    """The class-folder tree (folder, dali) or the images.h5 file (h5)."""
+    file_list: str | None = None
+    """A list of `relpath<TAB>label` lines under `root` (what `dataset_tool check` writes as its clean list);
+    null: the clean list beside the tree when one exists, else the tree scanned as it is."""
     resolution: int = 256
     """Crop side in pixels."""
     num_workers: int = 4
-    """Decoding workers per rank."""
+    """Decoding workers per rank (folder, h5), reader threads (dali)."""
+    prefetch: int = 2
+    """Batches decoded ahead per rank (DALI's prefetch queue depth; the folder and h5 loaders' prefetch factor)."""
     max_bad_images: int = 100
     """Unreadable image files (truncated, corrupt, empty, not an image) one rank may skip, each replaced by the
     next readable file in sorted order and logged once with its name; one more stops the run (0: stop at the first)."""
@@ -200,10 +211,12 @@ class DataSection:
     def __post_init__(self):
         choice("source", self.source, DATA_SOURCES)
         optional_path("root", self.root)
+        optional_path("file_list", self.file_list)
         int_at_least("resolution", self.resolution, 1)
         require("resolution", self.resolution, self.resolution % ENCODER_PATCH_GRID == 0,
                  f"must be a multiple of {ENCODER_PATCH_GRID} (DINOv2 sees 224 * resolution / 256 px in 14-px patches)")
         int_at_least("num_workers", self.num_workers, 0)
+        int_at_least("prefetch", self.prefetch, 1)
         int_at_least("max_bad_images", self.max_bad_images, 0)
 
 

@@ -89,6 +89,25 @@ def _scan_with_label_source(root: str) -> tuple[list[str], list[int], str]:
     return relpaths, [index[name] for name in top], f"the {len(index)} class folders of data.root={root}"
 
 
+def read_file_list(root: str, path: str) -> tuple[list[str], list[int], str]:
+    """A file list of `relpath<TAB>label` lines (relpaths under root, `#` comments and blank lines skipped), in
+    its own order; what `dataset_tool check` writes as the clean list. ValueError naming the file and line."""
+    relpaths, labels = [], []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if not line.strip() or line.startswith("#"):
+                continue
+            parts = line.rsplit("\t", 1)
+            if len(parts) != 2 or not parts[1].strip().lstrip("-").isdigit():
+                raise ValueError(f"{path}:{n}: expected 'relpath<TAB>label', got {line[:80]!r}")
+            relpaths.append(parts[0])
+            labels.append(int(parts[1]))
+    if not relpaths:
+        raise ValueError(f"file list {path} holds no images")
+    return relpaths, labels, f"the file list {path}"
+
+
 def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
     """ADM center crop: BOX-halve while the short side >= 2*size, BICUBIC to short side = size, crop the center."""
     while min(*pil_image.size) >= 2 * image_size:
@@ -144,9 +163,11 @@ class Sample(NamedTuple):
 class ImageFolderDataset(Dataset):
     """Index -> Sample over a scanned folder; an unreadable file is replaced by the next readable index."""
 
-    def __init__(self, root: str, resolution: int, *, max_bad_images: int = DEFAULT_MAX_BAD_IMAGES):
+    def __init__(self, root: str, resolution: int, *, max_bad_images: int = DEFAULT_MAX_BAD_IMAGES,
+                 file_list: str | None = None):
         self.root, self.resolution, self.max_bad_images = root, resolution, max_bad_images
-        relpaths, labels, self.label_source = _scan_with_label_source(root)
+        relpaths, labels, self.label_source = (_scan_with_label_source(root) if file_list is None
+                                               else read_file_list(root, file_list))
         # PERF: one numpy buffer each, not 1.28M Python objects: forked workers would touch every object's
         # refcount and so copy the pages, the DataLoader "memory leak" of large Python lists.
         self.relpaths = np.array([p.encode() for p in relpaths])
@@ -192,7 +213,8 @@ class ImageFolderSource:
     """Class-folder images as this rank's slices of world-size-independent global batches, resumable."""
 
     def __init__(self, root: str, resolution: int, *, global_batch_size: int, rank: int, world_size: int, seed: int,
-                 num_workers: int = 4, drop_last: bool = True, max_bad_images: int = DEFAULT_MAX_BAD_IMAGES):
+                 num_workers: int = 4, drop_last: bool = True, max_bad_images: int = DEFAULT_MAX_BAD_IMAGES,
+                 file_list: str | None = None, prefetch: int = 2):
         if global_batch_size <= 0:
             raise ValueError(f"global_batch_size must be > 0, got {global_batch_size}")
         if not 0 <= rank < world_size:
@@ -203,7 +225,10 @@ class ImageFolderSource:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if max_bad_images < 0:
             raise ValueError(f"max_bad_images must be >= 0 (data.max_bad_images), got {max_bad_images}")
-        self.dataset = ImageFolderDataset(root, resolution, max_bad_images=max_bad_images)
+        self.dataset = ImageFolderDataset(root, resolution, max_bad_images=max_bad_images, file_list=file_list)
+        self.prefetch = prefetch
+        self.last_indices: torch.Tensor | None = None
+        """Dataset indices (int64 [B]) of the batch next_batch() returned last, after unreadable files were replaced."""
         self.max_bad_images = max_bad_images
         # Distinct unreadable files this rank has met (relpath -> reason), each logged once. Not in state_dict:
         # after a resume the same files are met again and counted once again, so the count stays distinct.
@@ -263,7 +288,8 @@ class ImageFolderSource:
         # trainer can finish its step and checkpoint (train/preemption.py).
         loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
                             collate_fn=collate_samples, pin_memory=torch.cuda.is_available(),
-                            persistent_workers=False, worker_init_fn=shield_loader_worker)
+                            persistent_workers=False, worker_init_fn=shield_loader_worker,
+                            prefetch_factor=self.prefetch if self.num_workers > 0 else None)
         return iter(loader)
 
     def _note_bad(self, bad: tuple, indices_B: torch.Tensor) -> None:
@@ -295,6 +321,7 @@ class ImageFolderSource:
         self.batch_in_epoch += 1
         if self.batch_in_epoch >= self.steps_per_epoch:
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        self.last_indices = indices_B.to(torch.int64)
         return images_B3RR, labels_B.to(torch.int64)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

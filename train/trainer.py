@@ -21,7 +21,7 @@ import torch
 from . import checkpoint as ckpt
 from .build import ENGINES, build, flops_per_image
 from .config import TrainConfig, check_paths
-from .distributed import all_max, barrier, log0, on_rank0, rank, world_size
+from .distributed import all_max, log0, on_rank0, rank, world_size
 from .draws import StepRandom
 from .metrics import Metrics, engine_values
 from .preemption import StopRequest, describe
@@ -81,22 +81,11 @@ class Trainer:
         return self._data
 
     def _data_source(self):
-        from .data import ImageFolderSource
-        from .demo_data import write_demo_dataset
+        from .sources import build_source
 
-        cfg = self.cfg
-        root = cfg.data.root
-        if cfg.data.source == "demo":
-            root = os.path.join(self.run_dir, "demo_data")
-            if self.rank == 0 and not os.path.isdir(root):
-                write_demo_dataset(root, num_images=max(64, 2 * cfg.schedule.global_batch_size),
-                                   num_classes=min(4, cfg.sit.num_classes), resolution=cfg.data.resolution,
-                                   seed=cfg.schedule.seed)
-            barrier()
-        source = ImageFolderSource(root, cfg.data.resolution, global_batch_size=cfg.schedule.global_batch_size,
-                                   rank=self.rank, world_size=self.world, seed=cfg.schedule.seed,
-                                   num_workers=cfg.data.num_workers, max_bad_images=cfg.data.max_bad_images)
-        source.check_labels(cfg.sit.num_classes)  # before any step: label num_classes would be the null class
+        source, line = build_source(self.cfg, rank=self.rank, world=self.world, device=self.device,
+                                    run_dir=self.run_dir)
+        log0(line)
         return source
 
     # -----------------------------------------------------------------------------------------------
