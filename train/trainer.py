@@ -94,6 +94,8 @@ class Trainer:
 
     def next_inputs(self) -> StepInputs:
         images, labels = self.data.next_batch()
+        if self.step == 0:
+            self.save_data_preview(images)
         draws = self.random.draw(self.rank, self.world, self.device)
         return StepInputs(images=images.to(self.device), labels=labels.to(self.device), **draws)
 
@@ -171,6 +173,16 @@ class Trainer:
     # -----------------------------------------------------------------------------------------------
     # Previews
     # -----------------------------------------------------------------------------------------------
+
+    def save_data_preview(self, images: torch.Tensor) -> str | None:
+        """The first training batch (rank 0's slice, as the step sees it) as samples/data.png (rank 0)."""
+        if self.rank != 0 or self.cfg.logging.sample_every <= 0:
+            return None
+        from .visual import save_image_grid
+
+        path = os.path.join(self.run_dir, "samples", "data.png")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return save_image_grid(images.detach().float().cpu() / 127.5 - 1, path)
 
     @torch.no_grad()
     def save_samples(self) -> str | None:
