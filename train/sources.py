@@ -18,7 +18,6 @@ import shutil
 
 import torch
 
-SOURCES = ("auto", "dali", "folder", "h5", "demo", "synthetic")
 DEMO_PHOTOS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo_photos")
 """The real photographs of the demo run (48 JPEGs in 4 classes; sources and licences in their LICENSE.md)."""
 
@@ -36,7 +35,8 @@ def choose_source(name: str, root: str | None, device: torch.device) -> tuple[st
         return "h5", f"data.source=auto and data.root={root} is an HDF5 file"
     if device.type == "cuda" and dali_available():
         return "dali", "data.source=auto, a GPU and NVIDIA DALI are present"
-    why = "no GPU" if device.type != "cuda" else "NVIDIA DALI is not installed (pip install '.[dali]')"
+    why = ("no GPU" if device.type != "cuda"
+           else "NVIDIA DALI is not installed (the extra repae[dali]: pip install -e '.[dali]')")
     return "folder", f"data.source=auto and {why}: PIL decoding in worker processes"
 
 
