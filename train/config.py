@@ -201,7 +201,8 @@ def check_paths(cfg: TrainConfig) -> None:
     paths = [("data.root", cfg.data.root if reads_root else None), ("data.file_list", cfg.data.file_list),
              ("vae.weights", cfg.vae.weights), ("vae.latents_stats", cfg.vae.latents_stats),
              ("vae.discriminator_weights", cfg.vae.discriminator_weights), ("encoder.weights", cfg.encoder.weights),
-             ("encoder.weights_dir", cfg.encoder.weights_dir), ("loss.lpips_weights", cfg.loss.lpips_weights)]
+             ("encoder.weights_dir", cfg.encoder.weights_dir), ("encoder.feature_cache", cfg.encoder.feature_cache),
+             ("loss.lpips_weights", cfg.loss.lpips_weights)]
     if reads_root and cfg.data.root is None:
         raise ValueError(f"config key data.root must be set for data.source={cfg.data.source} (an image folder with "
                          f"class sub-folders, or an images.h5 file)")

@@ -121,6 +121,9 @@ class EncoderSection:
     """Folder to look in first."""
     allow_random: bool = False
     """When no weight file is found, use a randomly initialised encoder (tiny/demo configs only)."""
+    feature_cache: str | None = None
+    """A feature cache folder (`python -m repae.train.feature_cache`): the step reads its targets there instead
+    of running the encoders; checked against the encoders, config and dataset at start (train/feature_cache.py)."""
 
     def __post_init__(self):
         from repae.model.encoders import parse_enc_type  # PERF: here, not at the top: it imports timm (~2 s)
@@ -131,6 +134,7 @@ class EncoderSection:
             raise ConfigKeyError("enc_type", f": {err}") from None
         optional_path("weights", self.weights)
         optional_path("weights_dir", self.weights_dir)
+        optional_path("feature_cache", self.feature_cache)
 
 
 @dataclass(frozen=True, kw_only=True)

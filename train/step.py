@@ -69,6 +69,7 @@ class StepInputs:
     noise: torch.Tensor  # [B, C, h, w] flow noise eps
     drop_mask: torch.Tensor  # bool [B]: labels replaced by the null class in the SiT pass
     posterior_noise: torch.Tensor  # [B, C, h, w] eps of z = mean + std * eps
+    targets: tuple[torch.Tensor, ...] | None = None  # fp32 [B, N, E] per encoder (a feature cache); None: run them
 
 
 @dataclass(frozen=True)
@@ -147,9 +148,13 @@ def train_step(models: StepModels, inputs: StepInputs, settings: StepSettings, *
     amp = autocast(device, settings.precision)
     logs: dict[str, torch.Tensor] = {}
 
-    # 0. Representation targets: frozen encoders, no grad, autocast (their final norm returns fp32).
-    with torch.no_grad(), amp:
-        zs = [enc(inputs.images).float() for enc in models.encoders]
+    # 0. Representation targets: frozen encoders, no grad, autocast (their final norm returns fp32); or the
+    # same tokens read from a feature cache (docs/METHOD.md#feature-cache).
+    if inputs.targets is not None:
+        zs = list(inputs.targets)
+    else:
+        with torch.no_grad(), amp:
+            zs = [enc(inputs.images).float() for enc in models.encoders]
     mark("dinov2")
 
     # 1. VAE forward (train mode; it has no dropout or BN). x in [-1, 1], fp32.

@@ -23,6 +23,7 @@ from .build import ENGINES, build, flops_per_image
 from .config import TrainConfig, check_paths
 from .distributed import all_max, log0, on_rank0, rank, world_size
 from .draws import StepRandom
+from .feature_cache import FeatureCache
 from .metrics import Metrics, engine_values
 from .preemption import StopRequest, describe
 from .resume import apply_optimizer_settings, check_resume
@@ -61,6 +62,11 @@ class Trainer:
 
         self.models = build(cfg, self.world, self.device, use_deepspeed=use_deepspeed)
         self.engines = {name: getattr(self.models, name) for name in ENGINES}
+        self.feature_cache = None
+        """encoder.feature_cache, checked against the encoders (here) and the dataset (at first data use)."""
+        if cfg.encoder.feature_cache is not None:
+            self.feature_cache = FeatureCache.for_run(cfg, self.models.encoders)
+            self.models.encoders = []  # the step reads the cached targets: the encoders are never run
         self.ema = self.models.ema
         self.settings = StepSettings(vae_loss=cfg.loss.vae, proj_coeff=cfg.loss.proj_coeff,
                                      vae_align_proj_coeff=cfg.loss.vae_align_proj_coeff,
@@ -86,6 +92,8 @@ class Trainer:
         source, line = build_source(self.cfg, rank=self.rank, world=self.world, device=self.device,
                                     run_dir=self.run_dir)
         log0(line)
+        if self.feature_cache is not None:
+            self.feature_cache.check_source(source)
         return source
 
     # -----------------------------------------------------------------------------------------------
@@ -97,7 +105,9 @@ class Trainer:
         if self.step == 0:
             self.save_data_preview(images)
         draws = self.random.draw(self.rank, self.world, self.device)
-        return StepInputs(images=images.to(self.device), labels=labels.to(self.device), **draws)
+        targets = (None if self.feature_cache is None
+                   else self.feature_cache.targets(self.data.last_indices, self.device))
+        return StepInputs(images=images.to(self.device), labels=labels.to(self.device), targets=targets, **draws)
 
     def run_step(self, inputs: StepInputs | None = None, mark=None) -> dict[str, torch.Tensor]:
         inputs = inputs if inputs is not None else self.next_inputs()
