@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 import functools
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -30,11 +31,13 @@ _rows: list[dict] = []
 
 
 def pytest_collection_modifyitems(config, items):
+    """Without CUDA only the benchmarks marked `cpu_ok` run (the data sources); the rest would time the interpreter."""
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="benchmarks need a CUDA GPU (on CPU the Triton interpreter times nothing real)")
     for item in items:
-        item.add_marker(skip)
+        if "cpu_ok" not in item.keywords:
+            item.add_marker(skip)
 
 
 def _folder(gpu_name: str) -> Path:
@@ -56,7 +59,8 @@ def _versions() -> dict:
         ds = None
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                          cwd=RESULTS.parent).stdout.strip() or None
-    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu{os.cpu_count()}"
+    return {"gpu": device, "torch": torch.__version__, "triton": triton.__version__,
             "deepspeed": ds, "git_sha": sha}
 
 
@@ -72,9 +76,10 @@ def hbm() -> dict:
 
 
 @pytest.fixture
-def record(hbm):
+def record(request):
     """record(op=..., case=..., provider=..., mode=..., ms=(p50, p20, p80), ...): one JSONL row, with the
-    environment and the session's bandwidth added."""
+    environment and the session's bandwidth added (none on a CPU machine: results/cpu<cores>/)."""
+    hbm = request.getfixturevalue("hbm") if torch.cuda.is_available() else {"copy_gbps": None, "nominal_gbps": None}
 
     def _record(**row):
         row |= _versions()
@@ -92,10 +97,15 @@ def pytest_terminal_summary(terminalreporter):
         return
     tr = terminalreporter
     measured, nominal = _rows[0]["hbm_gbps"], _rows[0]["hbm_gbps_nominal"]
-    tr.section(f"kernel benchmarks (p50 ms, GB/s, fraction of the copy bandwidth measured this session: "
-               f"{measured:.0f} GB/s; nominal {'n/a' if nominal is None else f'{nominal:.0f}'} GB/s)")
+    tr.section(f"benchmarks (p50 ms, GB/s, fraction of the copy bandwidth measured this session: "
+               f"{'n/a' if measured is None else f'{measured:.0f}'} GB/s; "
+               f"nominal {'n/a' if nominal is None else f'{nominal:.0f}'} GB/s)")
     tr.write_line(f"{'op':10} {'case':24} {'mode':8} {'provider':8} {'ms':>9} {'GB/s':>8} {'roof':>6}")
     for r in _rows:
+        if r["op"] == "data":  # data-source rows (bench_data.py)
+            tr.write_line(f"{r['op']:10} {r['case']:24} {r['mode']:8} {r['provider']:8} {r['ms'][0]:9.1f} "
+                          f"{r['img_per_s']:7.1f} img/s  {r['gpu']}")
+            continue
         if "img_per_s" in r:  # train-step rows (bench_train_step.py)
             tr.write_line(f"{r['op']:10} {r['case']:24} {r['mode']:8} {r['provider']:8} {r['ms'][0]:9.1f} "
                           f"{r['img_per_s']:7.1f} img/s {r['peak_mem_gib']:5.1f} GiB  {r['split_ms']}")
