@@ -28,7 +28,7 @@ if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
   fi
   "$VENV/bin/python" - <<'PYEOF'
 import importlib.util
-missing = [m for m in ("triton", "timm", "lpips", "deepspeed", "safetensors", "tqdm", "pytest", "tensorboard", "PIL", "matplotlib")
+missing = [m for m in ("triton", "timm", "lpips", "deepspeed", "safetensors", "tqdm", "pytest", "tensorboard", "PIL", "matplotlib", "h5py")
            if importlib.util.find_spec(m) is None]
 if missing:
     print(f"[install] not installed here (install them if you need them): {', '.join(missing)}")

@@ -174,12 +174,11 @@ class ImageFolderDataset(ReplacingDataset):
 class ImageFolderSource(IndexedSource):
     """Class-folder images as this rank's slices of world-size-independent global batches, resumable."""
 
-    def __init__(self, root: str, resolution: int, *, global_batch_size: int, rank: int, world_size: int, seed: int,
-                 num_workers: int = 4, drop_last: bool = True, max_bad_images: int = DEFAULT_MAX_BAD_IMAGES,
-                 file_list: str | None = None, prefetch: int = 2):
+    def __init__(self, root: str, resolution: int, *, max_bad_images: int = DEFAULT_MAX_BAD_IMAGES,
+                 file_list: str | None = None, **kw):
+        """root: the class-folder tree; file_list: relpath<TAB>label lines to read instead of the scan; kw:
+        global_batch_size, rank, world_size, seed, num_workers, drop_last, prefetch (train/loader.py)."""
         super().__init__(lambda: ImageFolderDataset(root, resolution, max_bad_images=max_bad_images,
                                                     file_list=file_list),
                          root=root, resolution=resolution, what=f"image folder {root!r}",
-                         global_batch_size=global_batch_size, rank=rank, world_size=world_size, seed=seed,
-                         num_workers=num_workers, drop_last=drop_last, max_bad_images=max_bad_images,
-                         prefetch=prefetch)
+                         max_bad_images=max_bad_images, **kw)
