@@ -8,6 +8,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import struct
+import zlib
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -136,3 +139,16 @@ def write_tree(root: str) -> list[tuple[str, int]]:
         save_kind(os.path.join(root, rel), kind, w, h, seed=k)
     classes = sorted({rel.split("/")[0] for rel, *_ in TREE})
     return [(os.path.join(root, rel), classes.index(rel.split("/")[0])) for rel in sorted(r for r, *_ in TREE)]
+
+
+def write_png16(path, arr_HWC: np.ndarray, color_type: int) -> None:
+    """A 16-bit PNG written by hand (PIL cannot write 16-bit RGB / grey+alpha): big-endian samples, filter 0."""
+    h, w = arr_HWC.shape[:2]
+    rows = b"".join(b"\x00" + arr_HWC[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(tag, body):
+        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
+    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows))
+                           + chunk(b"IEND", b""))

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import glob
 import os
-import struct
-import zlib
 
 import numpy as np
 import pytest
 import torch
-from image_trees import original_center_crop_arr, original_crop, save_kind
+from image_trees import original_center_crop_arr, original_crop, save_kind, write_png16
 from PIL import Image
 
 from repae.train.data import load_image
@@ -60,19 +58,6 @@ def test_shipped_photos_crop_like_the_original(resolution):
                                       err_msg=path)
 
 
-def _png16(path, arr_HWC: np.ndarray, color_type: int) -> None:
-    """A 16-bit PNG by hand: big-endian samples, filter 0 (PIL writes 16-bit greyscale only)."""
-    h, w = arr_HWC.shape[:2]
-    rows = b"".join(b"\x00" + arr_HWC[y].astype(">u2").tobytes() for y in range(h))
-
-    def chunk(tag, body):
-        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
-    with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
-
-
 @pytest.mark.parametrize("size", ["smaller", "portrait", "halved-twice"])
 def test_16bit_pngs_crop_the_high_byte(tmp_path, size):
     """16-bit RGB: PIL itself keeps the high byte, so the crop equals the original's. 16-bit grey: the original's
@@ -81,7 +66,7 @@ def test_16bit_pngs_crop_the_high_byte(tmp_path, size):
     w, h = SIZES[size]
     rng = np.random.RandomState(w)
     rgb48 = (rng.randint(0, 256, (h, w, 3)) * 257 + rng.randint(0, 256, (h, w, 3))).astype(np.uint16)
-    _png16(tmp_path / "rgb48.png", rgb48, 2)
+    write_png16(tmp_path / "rgb48.png", rgb48, 2)
     np.testing.assert_array_equal(_hwc(load_image(str(tmp_path / "rgb48.png"), 32)),
                                   original_crop(str(tmp_path / "rgb48.png"), 32))
     np.testing.assert_array_equal(_hwc(load_image(str(tmp_path / "rgb48.png"), 32)),

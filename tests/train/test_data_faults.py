@@ -11,16 +11,15 @@ import os
 import re
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from image_trees import write_png16
 from PIL import Image
 
 import repae.train.demo_data as demo_mod
@@ -212,19 +211,6 @@ def test_max_bad_images_config_key(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 
 
-def _raw_png(path, arr_HWC: np.ndarray, color_type: int) -> None:
-    """A 16-bit PNG written by hand (PIL cannot write 16-bit RGB / grey+alpha): big-endian samples, filter 0."""
-    h, w = arr_HWC.shape[:2]
-    rows = b"".join(b"\x00" + arr_HWC[y].astype(">u2").tobytes() for y in range(h))
-
-    def chunk(tag, body):
-        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
-    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows))
-                           + chunk(b"IEND", b""))
-
-
 def test_16bit_grey_png_is_scaled_not_saturated(tmp_path):
     path = str(tmp_path / "mid.png")
     Image.fromarray(np.full((RES, RES), 32896, np.uint16)).save(path)
@@ -255,11 +241,11 @@ def test_mode_I_and_big_endian_are_clipped_and_shifted():
 def test_16bit_rgb_and_grey_alpha_pngs_take_the_high_byte_too(tmp_path):
     rgb = np.zeros((RES, RES, 3), np.uint16)
     rgb[..., 0], rgb[..., 1], rgb[..., 2] = 0x1234, 0xFF80, 0x80FF
-    _raw_png(tmp_path / "rgb48.png", rgb, 2)
+    write_png16(tmp_path / "rgb48.png", rgb, 2)
     assert load_image(str(tmp_path / "rgb48.png"), RES)[:, 0, 0].tolist() == [0x12, 0xFF, 0x80]
     la = np.zeros((RES, RES, 2), np.uint16)
     la[..., 0], la[..., 1] = 0x80FF, 0x1234
-    _raw_png(tmp_path / "la16.png", la, 4)
+    write_png16(tmp_path / "la16.png", la, 4)
     assert load_image(str(tmp_path / "la16.png"), RES)[:, 0, 0].tolist() == [0x80] * 3  # alpha dropped
 
 
