@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import sys
 
 import h5py
@@ -176,8 +175,13 @@ def test_one_line_errors(tmp_path, monkeypatch):
     assert "\n" not in str(info.value)
 
 
-def test_the_trainer_picks_h5_for_an_h5_root():
-    from repae.train.sources import choose_source
+def test_the_trainer_builds_it_from_the_config(data, tmp_path):
+    from conftest import tiny_config
 
-    name, why = choose_source("auto", os.path.join("data", "images.h5"), torch.device("cpu"))
-    assert name == "h5" and "HDF5" in why
+    from repae.train.sources import build_source
+
+    cfg = tiny_config(tmp_path / "run", "data.source=auto", f"data.root={data / 'prepared' / 'images.h5'}",
+                      f"data.resolution={RES}", "sit.num_classes=3")
+    source, line = build_source(cfg, rank=0, world=1, device=torch.device("cpu"), run_dir=str(tmp_path / "run"))
+    assert isinstance(source, H5Source) and "data source: h5 (data.source=auto" in line and "12 images" in line
+    assert torch.equal(source.next_batch()[0], _source("folder", data).next_batch()[0])
