@@ -85,15 +85,15 @@ def config_identity(cfg, encoders) -> dict:
     from repae.model.encoders import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, dinov2_input_size
 
     R, precision = cfg.data.resolution, cfg.schedule.precision
-    return {
-        "encoders": [{"enc_type": e.enc_type, "embed_dim": e.embed_dim, "num_tokens": e.num_patches,
-                      "fingerprint": state_dict_fingerprint(e)} for e in encoders],
+    return {  # compared in this order: the first difference is the one named
         "resolution": R,
         "preprocessing": {"crop": "RGB, ADM center crop (train/data.py load_image)", "scale": "x / 255",
                           "mean": list(IMAGENET_DEFAULT_MEAN), "std": list(IMAGENET_DEFAULT_STD),
                           "resize": f"bicubic to {dinov2_input_size(R)} px, align_corners=False, no antialias"},
         # TF32 changes fp32 matmuls only: it matters when the encoders run without autocast.
         "autocast": {"precision": precision, "tf32": cfg.schedule.tf32 if precision == "fp32" else None},
+        "encoders": [{"enc_type": e.enc_type, "embed_dim": e.embed_dim, "num_tokens": e.num_patches,
+                      "fingerprint": state_dict_fingerprint(e)} for e in encoders],
     }
 
 
