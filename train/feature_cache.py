@@ -98,9 +98,12 @@ def config_identity(cfg, encoders) -> dict:
 
 
 def dataset_identity(source) -> dict:
-    """root, image count and a hash of the ordered (relpath, label) list of a data source (or its `dataset`)."""
+    """root, image count and a hash of the ordered (name, label) list of a data source's `dataset`: the relpaths
+    of a class-folder tree (train/data.py, also read by DALI), the image keys of an images.h5 (train/h5_data.py)."""
     ds = getattr(source, "dataset", source)
     relpaths, labels = getattr(ds, "relpaths", None), getattr(ds, "labels", None)
+    if relpaths is None and isinstance(getattr(ds, "keys", None), np.ndarray):
+        relpaths = ds.keys
     root = getattr(source, "root", None) or getattr(ds, "root", None)
     if relpaths is None or labels is None or root is None:
         raise ValueError(f"feature cache: the data source {type(source).__name__} does not expose its file order "

@@ -1,7 +1,8 @@
 """The DINOv2 feature cache (train/feature_cache.py, docs/METHOD.md#feature-cache): the written rows equal the
 encoders' output cast to the storage dtype, exactly; a cache made for another encoder, resolution, precision or
-dataset is refused in one line naming the field; a killed write continues into the same files; and a step that
-reads its targets from the cache equals the step that runs the encoders, within the storage rounding.
+dataset is refused in one line naming the field; a killed write continues into the same files; an images.h5
+prepared from the tree gives the same rows; and a step that reads its targets from the cache equals the step that
+runs the encoders, within the storage rounding.
 
 Step tolerance (fp16 storage, unit roundoff u = 2^-11): the cached targets are z * (1 + d) with |d| <= u per
 element (plus 2^-25 absolute on fp16's subnormals, nothing a cosine sees), so a cosine against them moves by at
@@ -236,3 +237,20 @@ def test_cached_step_equals_online_step(cached):
     assert all(loss_diffs[k] <= tol[k] for k in tol), loss_diffs
     assert all(torch.equal(logs[k], want_logs[k]) for k in want_logs if k not in tol)  # target-free losses
     assert all(d <= 2 * u for d in grad_diffs.values()), grad_diffs
+
+
+def test_h5_source_caches_the_same_rows(cached, tmp_path):
+    """An images.h5 prepared from the tree holds its reference crops in the same order: the same tokens, and
+    the h5 run's own source passes the dataset check."""
+    pytest.importorskip("h5py")
+    from repae.train.h5_data import H5Source
+    from repae.train.h5_prepare import prepare
+
+    prepare(os.path.join(cached.run_dir, "demo_data"), str(tmp_path / "h5"), resolution=64, log=lambda *a: None)
+    h5 = str(tmp_path / "h5" / "images.h5")
+    cfg = run_config(cached.run_dir, "data.source=h5", f"data.root={h5}")
+    path = write_cache(cfg, str(tmp_path / "cache"), batch_size=BATCH, progress=False)
+    assert open(tokens_file(path, 0), "rb").read() == open(tokens_file(cached.path, 0), "rb").read()
+    source = H5Source(h5, 64, global_batch_size=4, rank=0, world_size=1, seed=0, num_workers=0)
+    FeatureCache(path).check_source(source)
+    _one_line_error(lambda: FeatureCache(cached.path).check_source(source), "dataset.root")
