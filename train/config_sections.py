@@ -123,7 +123,8 @@ class EncoderSection:
     """When no weight file is found, use a randomly initialised encoder (tiny/demo configs only)."""
     feature_cache: str | None = None
     """A feature cache folder (`python -m repae.train.feature_cache`): the step reads its targets there instead
-    of running the encoders; checked against the encoders, config and dataset at start (train/feature_cache.py)."""
+    of running the encoders; checked against the encoders (still built and loaded for that check, then dropped),
+    the config and the dataset at start (train/feature_cache.py)."""
 
     def __post_init__(self):
         from repae.model.encoders import parse_enc_type  # PERF: here, not at the top: it imports timm (~2 s)
