@@ -136,6 +136,11 @@ def _update(engine, loss: torch.Tensor, logs: dict[str, torch.Tensor], name: str
     return finite
 
 
+def _encode(encoders: Sequence[nn.Module], images: torch.Tensor, amp) -> list[torch.Tensor]:
+    with torch.no_grad(), amp:
+        return [enc(images).float() for enc in encoders]
+
+
 def train_step(models: StepModels, inputs: StepInputs, settings: StepSettings, *, step: int,
                mark: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]:
     """One REPA-E iteration; returns detached 0-d tensors (losses, logits) and *_skipped flags (0/1).
@@ -150,11 +155,7 @@ def train_step(models: StepModels, inputs: StepInputs, settings: StepSettings, *
 
     # 0. Representation targets: frozen encoders, no grad, autocast (their final norm returns fp32); or the
     # same tokens read from a feature cache (docs/METHOD.md#feature-cache).
-    if inputs.targets is not None:
-        zs = list(inputs.targets)
-    else:
-        with torch.no_grad(), amp:
-            zs = [enc(inputs.images).float() for enc in models.encoders]
+    zs = list(inputs.targets) if inputs.targets is not None else _encode(models.encoders, inputs.images, amp)
     mark("dinov2")
 
     # 1. VAE forward (train mode; it has no dropout or BN). x in [-1, 1], fp32.
