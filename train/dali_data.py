@@ -36,6 +36,10 @@ MISSING_DALI = ("data.source=dali needs NVIDIA DALI: pip install 'repae[dali]' (
                 "nvidia-dali-cuda120 for a CUDA 12 torch), or set data.source=folder")
 
 
+class MissingDALI(ImportError, ValueError):
+    """DALI is asked for and not installed: an ImportError that the entry point prints as one line (a ValueError)."""
+
+
 def import_dali():
     """(fn, types, pipeline_def) of nvidia.dali, or ImportError in one line naming the extra to install."""
     try:
@@ -43,7 +47,7 @@ def import_dali():
         import nvidia.dali.types as types
         from nvidia.dali import pipeline_def
     except ImportError:
-        raise ImportError(MISSING_DALI) from None
+        raise MissingDALI(MISSING_DALI) from None
     return fn, types, pipeline_def
 
 

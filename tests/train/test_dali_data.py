@@ -113,6 +113,7 @@ def test_missing_dali_is_one_line_naming_the_extra(root, monkeypatch):
         _dali(root)
     assert str(err.value) == MISSING_DALI and "pip install 'repae[dali]'" in MISSING_DALI
     assert "nvidia-dali-cuda130" in MISSING_DALI
+    assert isinstance(err.value, ValueError)  # train/main.py prints a ValueError as one line, exit code 2
 
 
 @pytest.mark.gpu
