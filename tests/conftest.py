@@ -18,12 +18,13 @@ import repae.model  # noqa: E402, F401
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu` need CUDA (full-size shapes run compiled); skip them with the reason."""
+    """Tests marked `gpu` need CUDA (full-size shapes run compiled); skip them with the reason, the marker's own
+    (`@pytest.mark.gpu(reason=...)`) where it gives one."""
     if torch.cuda.is_available():
         return
     import pytest
 
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (full-size shapes, compiled Triton)")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if (mark := item.get_closest_marker("gpu")) is not None:
+            reason = mark.kwargs.get("reason", "full-size shapes, compiled Triton")
+            item.add_marker(pytest.mark.skip(reason=f"needs a CUDA GPU ({reason})"))

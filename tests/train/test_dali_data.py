@@ -116,7 +116,7 @@ def test_missing_dali_is_one_line_naming_the_extra(root, monkeypatch):
     assert isinstance(err.value, ValueError)  # train/main.py prints a ValueError as one line, exit code 2
 
 
-@pytest.mark.gpu
+@pytest.mark.gpu(reason="DALI's mixed decoder is nvJPEG on the GPU")
 @pytest.mark.parametrize("res", [32, 16])
 def test_mixed_decoder_matches_the_cpu_backend(root, res):
     gpu = _take(_dali(root, device=torch.device("cuda"), res=res, num_workers=2), 3)
@@ -128,7 +128,7 @@ def test_mixed_decoder_matches_the_cpu_backend(root, res):
         assert (g_image.cpu().int() - c_image.int()).abs().float().mean() < 4
 
 
-@pytest.mark.gpu
+@pytest.mark.gpu(reason="DALI's mixed decoder is nvJPEG on the GPU")
 def test_mixed_decoder_on_real_photographs_is_near_the_reference_crop():
     from repae.train.sources import DEMO_PHOTOS
 
