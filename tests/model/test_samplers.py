@@ -238,3 +238,272 @@ def test_samplers_drive_a_tiny_sit():
                                  generator=torch.Generator().manual_seed(0))
     for out in (ode, sde):
         assert out.shape == z.shape and out.dtype == torch.float64 and torch.isfinite(out).all()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Guidance: scale 1 and the exact interval bounds
+# ---------------------------------------------------------------------------------------------------
+
+
+def _label_model(x, t, y):
+    """A nonlinear, label-dependent velocity: CFG changes the result wherever it is applied."""
+    return torch.sin(3 * x) * (1 + 0.1 * y.to(x.dtype))[:, None, None, None] + t[:, None, None, None] * x
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun", "euler_maruyama"])
+def test_cfg_scale_one_is_bitwise_no_cfg(sampler):
+    """cfg_scale = 1 runs the conditional pass only, so it is bitwise a run without guidance, for both samplers
+    (the mix d_u + 1 * (d_c - d_u) would not be bitwise d_c)."""
+    x1, y = _noise(11), _labels()
+
+    def run(**kw):
+        if sampler == "euler_maruyama":
+            return euler_maruyama_sampler(_label_model, x1, y, num_steps=6,
+                                          generator=torch.Generator().manual_seed(0), **kw)
+        return euler_sampler(_label_model, x1, y, num_steps=6, heun=sampler == "heun", **kw)
+
+    plain = run(null_class=None)
+    assert torch.equal(run(cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0, null_class=NULL), plain)
+    # Guidance above 1 with an interval that holds no step is no guidance either.
+    assert torch.equal(run(cfg_scale=4.0, guidance_low=2.0, guidance_high=3.0, null_class=NULL), plain)
+    assert not torch.equal(run(cfg_scale=4.0, null_class=NULL), plain)
+
+
+def _guided_steps(sampler, low, high, n, **kw):
+    """Which model calls ran guided (batch 2B), for a label-independent model."""
+    rec = Recorder(lambda x, t, y: 0.3 * x)
+    sampler(rec, _noise(), _labels(), num_steps=n, cfg_scale=2.0, guidance_low=low, guidance_high=high,
+            null_class=NULL, **kw)
+    return [c["n"] == 2 * B for c in rec.calls]
+
+
+@pytest.mark.parametrize("sampler", ["euler", "euler_maruyama"])
+def test_guidance_interval_switches_exactly_at_its_bounds(sampler):
+    """t_cur == guidance_low and t_cur == guidance_high are guided; one float64 ulp outside either bound is not."""
+    n = 10
+    if sampler == "euler":
+        fn, kw = euler_sampler, {}
+        ts = torch.linspace(1, 0, n + 1, dtype=torch.float64).tolist()[:-1]  # t_cur of each call
+    else:
+        fn, kw = euler_maruyama_sampler, {"generator": torch.Generator().manual_seed(0)}
+        ts = torch.linspace(1, 0.04, n, dtype=torch.float64).tolist()  # the last call is the step 0.04 -> 0
+    i_high, i_low = 3, len(ts) - 1  # low = the last call's t_cur: 0.1 for the ODE, 0.04 (the mean step) for the SDE
+    high, low = ts[i_high], ts[i_low]
+
+    def expect(first, last):
+        return [first <= i <= last for i in range(len(ts))]
+
+    assert _guided_steps(fn, low, high, n, **kw) == expect(i_high, i_low)
+    assert _guided_steps(fn, low, math.nextafter(high, -math.inf), n, **kw) == expect(i_high + 1, i_low)
+    assert _guided_steps(fn, math.nextafter(low, math.inf), high, n, **kw) == expect(i_high, i_low - 1)
+    assert _guided_steps(fn, math.nextafter(low, -math.inf), math.nextafter(high, math.inf), n,
+                         **kw) == expect(i_high, i_low)
+    # A degenerate interval [t, t] guides exactly the step at t.
+    assert _guided_steps(fn, ts[5], ts[5], n, **kw) == expect(5, 5)
+    if sampler == "euler":  # the corrector follows its predictor, so Heun's calls come in guided pairs
+        pairs = [g for g in expect(i_high, i_low) for _ in range(2)][:-1]
+        assert _guided_steps(fn, low, high, n, heun=True) == pairs
+
+
+# ---------------------------------------------------------------------------------------------------
+# An analytic velocity field: Gaussian data, where the exact flow and score are known
+# ---------------------------------------------------------------------------------------------------
+# Data x0 ~ N(mu_c, s_c^2) independently per element of channel c, eps ~ N(0, 1), x_t = (1 - t) x0 + t eps. Then x_t
+# ~ N(m_t, V_t) with m_t = (1 - t) mu and V_t = (1 - t)^2 s^2 + t^2, and Gaussian conditioning gives
+#   E[x0 | x_t = x] = mu + (1 - t) s^2 (x - m_t) / V_t,   E[eps | x_t = x] = t (x - m_t) / V_t,
+#   v(x, t) = E[eps - x0 | x_t = x] = -mu + k_t (x - m_t) / V_t,  k_t = t - (1 - t) s^2 = V_t' / 2,
+#   score(x, t) = -(x - m_t) / V_t.
+# The ODE dx/dt = v keeps z = (x - m_t) / sqrt(V_t) fixed (d/dt [m_t + sqrt(V_t) z] = -mu + V_t' / (2 sqrt(V_t)) z),
+# so the exact flow maps the noise x_1 = z (m_1 = 0, V_1 = 1) to x_0 = mu + s z. v is smooth on [0, 1] (V_t >= s^2 /
+# (1 + s^2) > 0), so Euler and Heun converge at their orders all the way down to t = 0.
+
+GAUSS_MU = torch.tensor([0.5, -1.0, 0.0, 2.0], dtype=torch.float64)
+GAUSS_S = torch.tensor([0.3, 0.6, 1.0, 1.5], dtype=torch.float64)
+
+
+def _gaussian_velocity(x, t, y):
+    """The exact velocity v(x, t) of the Gaussian data above, per channel (y is ignored)."""
+    mu, s = GAUSS_MU[:, None, None], GAUSS_S[:, None, None]
+    t = t.to(torch.float64)[:, None, None, None]
+    m, var = (1 - t) * mu, (1 - t) ** 2 * s**2 + t**2
+    return (-mu + (t - (1 - t) * s**2) * (x.to(torch.float64) - m) / var).to(x.dtype)
+
+
+def _loglog_slope(num_steps, errors):
+    """Least-squares slope of -log(error) against log(num_steps): the measured order of convergence."""
+    lx, ly = [math.log(n) for n in num_steps], [-math.log(e) for e in errors]
+    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
+    return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
+
+
+@pytest.mark.parametrize("heun,order_range", [(False, (0.8, 1.3)), (True, (1.7, 2.4))])
+def test_ode_converges_at_its_order_on_gaussian_data(heun, order_range):
+    """Max error to the exact flow endpoint mu + s z over 8..64 steps. Measured slopes: Euler 0.97 (error 0.65 at 8
+    steps, 0.086 at 64), Heun 2.06 (0.072 -> 9.9e-4); Heun's last step is plain Euler, a local O(h^2) error that
+    keeps the global order 2. float64 noise, so the model runs in float64 and rounding stays far below the error."""
+    z = torch.randn(64, 4, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y = torch.zeros(64, dtype=torch.long)
+    exact = GAUSS_MU[:, None, None] + GAUSS_S[:, None, None] * z
+    steps = (8, 16, 32, 64)
+    errors = [(euler_sampler(_gaussian_velocity, z, y, num_steps=n, null_class=None, heun=heun) - exact).abs().max()
+              .item() for n in steps]
+    assert all(a > b for a, b in zip(errors, errors[1:]))
+    lo, hi = order_range
+    assert lo <= _loglog_slope(steps, errors) <= hi, errors
+
+
+def _sde_moments_of_the_discrete_chain(num_steps, mu, s):
+    """Exact mean and variance of the Euler-Maruyama chain on the Gaussian field, started from N(0, 1).
+
+    The drift d = v - t score = -mu + a_t (x - m_t) with a_t = (k_t + t) / V_t is affine, so each step maps a Gaussian
+    to a Gaussian: mean m' = m + dt d(m), var' = (1 + dt a_t)^2 var + 2 t |dt| (no noise term on the last step).
+    """
+    ts = torch.cat([torch.linspace(1, 0.04, num_steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+    mean, var = torch.zeros_like(mu), torch.ones_like(s)
+    for i in range(num_steps):
+        t, dt = ts[i], ts[i + 1] - ts[i]
+        m_t, v_t = (1 - t) * mu, (1 - t) ** 2 * s**2 + t**2
+        a = (t - (1 - t) * s**2 + t) / v_t
+        mean = mean + dt * (-mu + a * (mean - m_t))
+        var = (1 + dt * a) ** 2 * var + (2 * t * dt.abs() if i < num_steps - 1 else 0.0)
+    return mean, var
+
+
+def test_sde_matches_the_data_moments_on_gaussian_data():
+    """250 steps on 4096 x [4, 2, 2] latents: per channel N = 16,384 iid samples of N(mu_c, s_c^2), up to a
+    discretisation bias of the std that the chain's own moments give exactly.
+
+    The bias is almost all the deterministic last step 0.04 -> 0: from the exact marginal at tau = 0.04 it gives
+    std (1 - tau a_tau) sqrt(V_tau), i.e. -2.8 % for s = 0.3, -0.9 % for 0.6, -0.5 % for 1.0, -0.4 % for 1.5; the 249
+    stochastic steps add under 0.4 % (their variance at t = 0.04 is 0.994..0.999 of V_0.04). The mean is unbiased.
+    Tolerances: 5 standard errors, s / sqrt(N) for the mean and std / sqrt(2 (N - 1)) for the std. Measured: means
+    0.4993, -0.9975, -0.0108, 2.0005; stds 0.2933, 0.5957, 0.9976, 1.4838 (chain: 0.2915, 0.5949, 0.9952, 1.4938).
+    """
+    num_steps, batch = 250, 4096
+    z = torch.randn(batch, 4, 2, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    out = euler_maruyama_sampler(_gaussian_velocity, z, torch.zeros(batch, dtype=torch.long), num_steps=num_steps,
+                                 null_class=None, generator=torch.Generator().manual_seed(2))
+    samples = out.transpose(0, 1).reshape(4, -1)
+    n = samples.shape[1]
+    mean, std = samples.mean(1), samples.std(1)
+
+    chain_mean, chain_var = _sde_moments_of_the_discrete_chain(num_steps, GAUSS_MU, GAUSS_S)
+    chain_std = chain_var.sqrt()
+    torch.testing.assert_close(chain_mean, GAUSS_MU, atol=1e-12, rtol=0)
+    tau = 0.04
+    v_tau = (1 - tau) ** 2 * GAUSS_S**2 + tau**2
+    last_step_std = (1 - tau * (2 * tau - (1 - tau) * GAUSS_S**2) / v_tau) * v_tau.sqrt()
+    assert ((chain_std - last_step_std).abs() <= 4e-3 * GAUSS_S).all()
+    bias = chain_std / GAUSS_S - 1
+    assert ((bias <= 0) & (bias >= -0.03)).all(), bias
+
+    assert ((mean - GAUSS_MU).abs() <= 5 * GAUSS_S / math.sqrt(n)).all(), mean
+    assert ((std - chain_std).abs() <= 5 * chain_std / math.sqrt(2 * (n - 1))).all(), std
+    assert ((std - GAUSS_S).abs() <= 5 * GAUSS_S / math.sqrt(2 * (n - 1)) + bias.abs() * GAUSS_S).all(), std
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bitwise parity with a transcription of the original's samplers
+# ---------------------------------------------------------------------------------------------------
+# Written from docs/METHOD.md#sampling in the original's order of operations: per step it rebuilds the CFG test
+# `cfg_scale > 1 and low <= t_cur <= high`, builds the time input as ones(n) cast to float64 times t_cur, runs the
+# model in the latents' dtype, and its linear-path score uses tensor-valued d_alpha = -ones, d_sigma = ones. The SDE
+# draws randn_like(x) (float64, the global RNG) before the model call. Only here, as the oracle.
+
+
+def _original_guided(t_cur, cfg_scale, low, high):
+    return cfg_scale > 1.0 and t_cur <= high and t_cur >= low
+
+
+def _original_inputs(x, y, t, guided):
+    x_in = torch.cat([x] * 2, dim=0) if guided else x
+    y_in = torch.cat([y, torch.tensor([NULL] * y.size(0))], dim=0) if guided else y
+    return x_in, y_in, torch.ones(x_in.size(0)).to(dtype=torch.float64) * t
+
+
+def _original_mix(d, guided, cfg_scale):
+    if not guided:
+        return d
+    d_cond, d_uncond = d.chunk(2)
+    return d_uncond + cfg_scale * (d_cond - d_uncond)
+
+
+def _original_euler(model, latents, y, num_steps, heun, cfg_scale, low, high):
+    dtype = latents.dtype
+    t_steps = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64)
+    x_next = latents.to(torch.float64)
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+        x_cur = x_next
+        guided = _original_guided(t_cur, cfg_scale, low, high)
+        x_in, y_in, t_in = _original_inputs(x_cur, y, t_cur, guided)
+        d_cur = _original_mix(model(x_in.to(dtype=dtype), t_in.to(dtype=dtype), y_in).to(torch.float64), guided,
+                              cfg_scale)
+        x_next = x_cur + (t_next - t_cur) * d_cur
+        if heun and i < num_steps - 1:
+            x_in, y_in, t_in = _original_inputs(x_next, y, t_next, guided)
+            d_prime = _original_mix(model(x_in.to(dtype=dtype), t_in.to(dtype=dtype), y_in).to(torch.float64),
+                                    guided, cfg_scale)
+            x_next = x_cur + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_prime)
+    return x_next
+
+
+def _original_score(v, x, t):
+    t = t.view(t.size(0), *([1] * (x.dim() - 1)))
+    alpha, d_alpha = 1 - t, torch.ones_like(x) * -1
+    sigma, d_sigma = t, torch.ones_like(x)
+    reverse_alpha_ratio = alpha / d_alpha
+    var = sigma**2 - reverse_alpha_ratio * d_sigma * sigma
+    return (reverse_alpha_ratio * v - x) / var
+
+
+def _original_euler_maruyama(model, latents, y, num_steps, cfg_scale, low, high):
+    dtype = latents.dtype
+    t_steps = torch.linspace(1.0, 0.04, num_steps, dtype=torch.float64)
+    t_steps = torch.cat([t_steps, torch.tensor([0.0], dtype=torch.float64)])
+    x_next = latents.to(torch.float64)
+
+    def drift(x_cur, t_cur):
+        guided = _original_guided(t_cur, cfg_scale, low, high)
+        x_in, y_in, t_in = _original_inputs(x_cur, y, t_cur, guided)
+        v_cur = model(x_in.to(dtype=dtype), t_in.to(dtype=dtype), y_in).to(torch.float64)
+        s_cur = _original_score(v_cur, x_in, t_in)
+        return _original_mix(v_cur - 0.5 * (2 * t_cur) * s_cur, guided, cfg_scale)
+
+    for t_cur, t_next in zip(t_steps[:-2], t_steps[1:-1]):
+        dt = t_next - t_cur
+        x_cur = x_next
+        diffusion = 2 * t_cur
+        deps = torch.randn_like(x_cur) * torch.sqrt(torch.abs(dt))
+        x_next = x_cur + drift(x_cur, t_cur) * dt + torch.sqrt(diffusion) * deps
+    t_cur, t_next = t_steps[-2], t_steps[-1]
+    return x_next + (t_next - t_cur) * drift(x_next, t_cur)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("heun", [False, True])
+@pytest.mark.parametrize("cfg_scale,low,high", [(1.0, 0.0, 1.0), (4.0, 0.0, 1.0), (2.5, 0.2, 0.7)])
+def test_euler_is_bitwise_the_original(heun, cfg_scale, low, high, dtype):
+    """Same noise, a nonlinear label-dependent model: the float64 trajectories are torch.equal. float64 latents make
+    the model's outputs full float64, so the CFG mix rounds too (on float32 outputs it is exact in float64)."""
+    x1, y = _noise(12, dtype), _labels()
+    ours = euler_sampler(_label_model, x1, y, num_steps=9, cfg_scale=cfg_scale, guidance_low=low,
+                         guidance_high=high, null_class=NULL, heun=heun)
+    ref = _original_euler(_label_model, x1, y, 9, heun, cfg_scale, low, high)
+    assert torch.equal(ours, ref), (ours - ref).abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cfg_scale,low,high", [(1.0, 0.0, 1.0), (1.8, 0.0, 0.825), (2.2, 0.3, 0.65)])
+def test_euler_maruyama_is_bitwise_the_original(cfg_scale, low, high, dtype):
+    """Same noise stream: ours with generator=None (global RNG) and with a Generator of the same seed both equal the
+    original's randn_like under that seed, bit for bit."""
+    x1, y, n = _noise(13, dtype), _labels(), 12
+    kw = {"num_steps": n, "cfg_scale": cfg_scale, "guidance_low": low, "guidance_high": high, "null_class": NULL}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        ref = _original_euler_maruyama(_label_model, x1, y, n, cfg_scale, low, high)
+        torch.manual_seed(5)
+        global_rng = euler_maruyama_sampler(_label_model, x1, y, **kw)
+    with_generator = euler_maruyama_sampler(_label_model, x1, y, generator=torch.Generator().manual_seed(5), **kw)
+    assert torch.equal(global_rng, ref), (global_rng - ref).abs().max()
+    assert torch.equal(with_generator, ref), (with_generator - ref).abs().max()
