@@ -51,7 +51,8 @@ def report(folder: Path) -> str:
         "| op | case | mode | triton ms | eager ms | compile ms | triton GB/s | roofline | vs eager | vs compile |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for op, case, mode in sorted({k[:3] for k in latest if k[0] not in ("model", "train_step")}):
+    for op, case, mode in sorted({k[:3] for k in latest
+                                if k[0] not in ("model", "train_step", "sampling", "inception")}):
         rows = {p: latest.get((op, case, mode, p)) for p in ("triton", "eager", "compile")}
         ms = {p: (r["ms"][0] if r else float("nan")) for p, r in rows.items()}
         t = rows["triton"]
@@ -88,6 +89,19 @@ def report(folder: Path) -> str:
             split = ", ".join(f"{k} {v:.1f}" for k, v in r["split_ms"].items())
             lines.append(f"| {r['case']} | {r['provider']} | {r['engines']} | {r['ms'][0]:.1f} | "
                          f"{r['img_per_s']:.1f} | {r['peak_mem_gib']:.1f} | {split} |")
+    sampling = [r for k, r in sorted(latest.items()) if k[0] in ("sampling", "inception")]
+    if sampling:
+        lines += ["", "## Sampling and evaluation (images/s per batch; bench/bench_sampling.py)", "",
+                  "Sampling rows are composed from measured parts: ms = n_in * step_in + n_out * step_out + decode",
+                  "(p50s; steps inside / outside the guidance interval on the sampler's own grid).", "",
+                  "| op | case | mode | provider | precision | img/s | ms/batch | n_in / n_out | step in ms | "
+                  "step out ms | decode ms |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in sampling:
+            parts = (f"{r['n_in']} / {r['n_out']} | {r['step_in_ms'][0]:.1f} | {r['step_out_ms'][0]:.1f} | "
+                     f"{r['decode_ms'][0]:.1f}" if r.get("composed") else "- | - | - | -")
+            lines.append(f"| {r['op']} | {r['case']} | {r['mode']} | {r['provider']} | {r['precision']} | "
+                         f"{r['img_per_s']:.2f} | {r['ms'][0]:.1f} | {parts} |")
     return "\n".join(lines) + "\n"
 
 

@@ -29,3 +29,14 @@ MODEL_CASES = {
     "sitxl2_loss": ("sit_loss", {"model": "SiT-XL/2", "overrides": {"input_size": 32, "in_channels": 4}}, 32),
     "vae_f8d4": ("vae", {"vae": "f8d4", "resolution": 256}, 8),
 }
+
+# Sampling benchmarks (bench/bench_sampling.py): (SiT and VAE sizes, the train/generate.py preset whose guidance
+# every sampler uses, batch). repae-sdvae: SiT-XL/2 on f8d4 latents [B, 4, 32, 32], CFG 2.2 on t in [0, 0.65].
+SAMPLING_CASES = {
+    "sitxl2_f8d4_b256": ({"model": "SiT-XL/2", "overrides": {"input_size": 32, "in_channels": 4}, "vae": "f8d4"},
+                         "repae-sdvae", 256),
+}
+# The samplers each sampling case is composed for: (generate.py --mode, --num-steps).
+SAMPLER_RUNS = {"ode50": ("ode", 50), "sde250": ("sde", 250)}
+# FID Inception (bench/bench_sampling.py): (images per forward, side of the uint8 images).
+INCEPTION_CASES = {"b100_r256": (100, 256), "b500_r256": (500, 256)}

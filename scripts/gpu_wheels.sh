@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Build .wheels/ on the CPU machine (it reaches PyPI; the lent GPU machine reaches nothing): deepspeed,
-# lpips, matplotlib and the dependencies the GPU machine's Python 3.12 lacks, as wheels for cp312
-# manylinux x86_64 (~20 MB). Never torch or anything CUDA: deepspeed and lpips come without their
-# dependencies, the rest are resolved on their own (none of them needs torch).
+# lpips, torch-fidelity (the Inception of bench/bench_sampling.py), matplotlib and the dependencies the GPU
+# machine's Python 3.12 lacks, as wheels for cp312 manylinux x86_64 (~20 MB). Never torch or anything CUDA:
+# deepspeed, lpips and torch-fidelity come without their dependencies, the rest are resolved on their own (none
+# of them needs torch).
 #   bash scripts/gpu_wheels.sh        then   run(carry=[".wheels"], command="bash scripts/gpu_report.sh ...")
 # scripts/install.sh installs every wheel in .wheels/ when it finds that folder on a GPU machine.
 set -euo pipefail
@@ -14,7 +15,7 @@ platform=(--python-version "$PYV" --implementation cp --only-binary=:all: --plat
           --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64)
 .venv/bin/pip download -q --dest .wheels "${platform[@]}" \
   hjson msgpack ninja psutil py-cpuinfo "pydantic>=2" nvidia-ml-py einops tqdm packaging
-.venv/bin/pip download -q --no-deps --dest .wheels "${platform[@]}" "lpips==0.1.4"
+.venv/bin/pip download -q --no-deps --dest .wheels "${platform[@]}" "lpips==0.1.4" "torch-fidelity==0.4.0"
 # matplotlib (the loss plot) without its numpy/pillow requirement: the GPU image's own numpy and pillow stay.
 .venv/bin/pip download -q --no-deps --dest .wheels "${platform[@]}" \
   matplotlib contourpy cycler fonttools kiwisolver pyparsing python-dateutil six

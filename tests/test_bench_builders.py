@@ -68,3 +68,29 @@ def test_original_sit_loss_builder_matches_ours(monkeypatch):
     assert len(grads["eager"]) == len(grads["original"]) > 10
     for a, b in zip(grads["eager"], grads["original"]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_sampling_bench_builders_run(monkeypatch):
+    """The builders of bench/sampling_harness.py on the small SiT at batch 2 (one ODE step, two SDE steps per call),
+    a small f8d4-layout decoder and 2 Inception images, and the step counts of the paper's grids. Every part runs on
+    the eager provider; the fused one once (the Triton interpreter costs ~0.5 s per SiT call, and the fused SiT is
+    tested in tests/model), the bf16 one once with REPAE_KERNELS=eager (its autocast plumbing)."""
+    import sampling_harness as sh
+
+    width = dict(SMALL_MODELS["sit"][0], vae="f8d4", vae_overrides=dict(ch=32, ch_mult=(1, 2), num_res_blocks=1))
+    parts = {"fused": ["ode_out"], "eager": [f"{m}_{w}" for m in ("ode", "sde") for w in ("in", "out")],
+             "fused_bf16": ["sde_in"]}
+    for provider in sh.SAMPLING_PROVIDERS:
+        cases = sh.sampler_cases(provider, width, 2, device=DEVICE, cfg_scale=2.2)
+        assert {k: steps for k, (_, steps) in cases.items()} == {k: sh.STEPS_PER_CALL[k[:3]] for k in parts["eager"]}
+        with monkeypatch.context() as m:
+            if provider == "fused_bf16":
+                m.setenv("REPAE_KERNELS", "eager")
+            for part in parts[provider]:
+                cases[part][0].fn()
+    sh.decode_case(width, 2, device=DEVICE).fn()
+    sh.inception_case(2, 32, device=DEVICE).fn()
+    guidance = dict(cfg_scale=2.2, guidance_low=0.0, guidance_high=0.65)  # the repae-sdvae preset
+    assert sh.step_counts("ode", num_steps=50, **guidance) == (32, 18)
+    assert sh.step_counts("sde", num_steps=250, **guidance) == (159, 91)
+    assert sh.step_counts("sde", num_steps=250, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0) == (0, 250)
