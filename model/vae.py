@@ -6,9 +6,9 @@
     bias_C, scale_C = load_latents_stats("e2e-sdvae-latents-stats.pt")   # normalise: (z - bias) * scale
 
 Holds: the encoder/decoder building blocks, DiagonalGaussianDistribution, AutoencoderKL, the VAE
-registry, the diffusers -> LDM key remap and the latents-stats file format. Must not hold losses (the
-VAE loss lives in model/losses.py), the latent BatchNorm (kernels/) or a weight-file reader
-(model/weights.py reads and writes every file).
+registry, the diffusers -> LDM key remap, the config read back from a state dict's shapes and the
+latents-stats file format. Must not hold losses (the VAE loss lives in model/losses.py), the latent BatchNorm
+(kernels/) or a weight-file reader (model/weights.py reads and writes every file).
 """
 
 # B batch, F feature channels, H, W image height and width, h, w latent height and width, C latent channels
@@ -439,6 +439,37 @@ def load_vae_weights(vae: AutoencoderKL, path: str | os.PathLike, *, key: str | 
     diffusers-format file into `vae`, strictly by default (docs/METHOD.md#bugs-of-the-original-code, item 5: the
     original's strict=False silently left the VAE random on a diffusers file)."""
     return load_weights(vae, path, key=key, strict=strict, remap=_ldm_layout, what="VAE weight file")
+
+
+def _attn_levels(cfg: VAEConfig) -> tuple[int, ...]:
+    """Encoder levels that hold AttnBlocks (level i sees side resolution / 2^i)."""
+    return tuple(i for i in range(len(cfg.ch_mult)) if cfg.resolution // 2**i in cfg.attn_resolutions)
+
+
+def vae_config_from_state_dict(sd: StateDict) -> VAEConfig:
+    """The shape of the AutoencoderKL an LDM-layout state dict belongs to, read from its keys and shapes: the
+    registry config that builds the same modules when there is one, else a config with resolution 256 (which
+    only places the attention). ValueError naming the key it lacks; a strict load then checks every tensor."""
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in sd:
+            raise ValueError(f"not an AutoencoderKL state dict in LDM or diffusers layout: no {key}")
+        return tuple(sd[key].shape)
+
+    def count(pattern: str) -> int:  # 1 + the largest index the pattern's group takes (at least 1)
+        found = [int(m.group(1)) for k in sd if (m := re.match(pattern, k))]
+        return 1 + max(found, default=0)
+
+    ch, in_channels = shape("encoder.conv_in.weight")[:2]
+    embed_dim = shape("post_quant_conv.weight")[0]
+    levels, blocks = count(r"encoder\.down\.(\d+)\."), count(r"encoder\.down\.0\.block\.(\d+)\.")
+    ch_mult = tuple(shape(f"encoder.down.{i}.block.0.conv2.weight")[0] // ch for i in range(levels))
+    attn = tuple(i for i in range(levels) if f"encoder.down.{i}.attn.0.q.weight" in sd)
+    cfg = VAEConfig(embed_dim=embed_dim, ch_mult=ch_mult, ch=ch, num_res_blocks=blocks,
+                    attn_resolutions=tuple(256 >> i for i in attn), in_channels=in_channels)
+    key = (cfg.embed_dim, cfg.ch_mult, cfg.ch, cfg.num_res_blocks, cfg.in_channels, attn)
+    same = [c for c in VAE_CONFIGS.values() if (c.embed_dim, c.ch_mult, c.ch, c.num_res_blocks, c.in_channels,
+                                                 _attn_levels(c)) == key]
+    return same[0] if same else cfg
 
 
 # ---------------------------------------------------------------------------------------------------
