@@ -30,6 +30,7 @@ from .config_sections import (
     ENCODER_PATCH_GRID,
     DataSection,
     EncoderSection,
+    EvalSection,
     LoggingSection,
     LossSection,
     OptimSection,
@@ -61,6 +62,7 @@ class TrainConfig:
     data: DataSection = field(default_factory=DataSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    eval: EvalSection = field(default_factory=EvalSection)
     kernel_backend: str = "auto"
     """repae.kernels backend: auto, triton or eager."""
     deepspeed: dict = field(default_factory=lambda: {"zero_optimization": {"stage": 2}})
@@ -203,6 +205,8 @@ def check_paths(cfg: TrainConfig) -> None:
              ("vae.discriminator_weights", cfg.vae.discriminator_weights), ("encoder.weights", cfg.encoder.weights),
              ("encoder.weights_dir", cfg.encoder.weights_dir), ("encoder.feature_cache", cfg.encoder.feature_cache),
              ("loss.lpips_weights", cfg.loss.lpips_weights)]
+    if cfg.eval.fid_every > 0:  # read by the online FID only (train/online_eval.py checks their contents)
+        paths += [("eval.ref", cfg.eval.ref), ("eval.inception_weights", cfg.eval.inception_weights)]
     if reads_root and cfg.data.root is None:
         raise ValueError(f"config key data.root must be set for data.source={cfg.data.source} (an image folder with "
                          f"class sub-folders, or an images.h5 file)")

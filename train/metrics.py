@@ -4,6 +4,7 @@
     metrics.open(step, resumed=...)          # bar and tensorboard writer (rank 0)
     metrics.add(logs)                        # every step: 0-d tensors summed on the device, no host sync
     metrics.write(step, extra)               # every logging.log_every steps: one all-reduce, then rank 0 writes
+    metrics.write_values(step, values)       # values from outside the window (eval/fid): a row of their own
     metrics.close()
 
 A written row is the mean over the window's steps and over the ranks of every step log, plus `extra` (values the
@@ -128,20 +129,31 @@ class Metrics:
         if self.rank == 0:
             self._write_rank0(step, values)
 
-    def _write_rank0(self, step: int, values: dict[str, float]) -> None:
-        from .visual import save_loss_plot
+    def write_values(self, step: int, values: dict[str, float], *, exclude_seconds: float = 0.0) -> None:
+        """Values measured outside the step window (the online FID, train/online_eval.py): the history, tensorboard
+        and a log.jsonl row of their own (rank 0). Every rank calls it; `exclude_seconds` (the time the values took)
+        are left out of the window's img/s."""
+        self._t0 += exclude_seconds
+        if self.rank == 0:
+            self._record(step, values)
 
+    def _record(self, step: int, values: dict[str, float]) -> None:
         for k, v in values.items():
             self.history.setdefault(k, []).append((step, v))
             if self.writer is not None:
                 self.writer.add_scalar(k, v, step)
+        with open(os.path.join(self.run_dir, LOG_FILE), "a") as f:
+            f.write(json_line({"step": step, **values}) + "\n")
+
+    def _write_rank0(self, step: int, values: dict[str, float]) -> None:
+        from .visual import save_loss_plot
+
+        self._record(step, values)
         if self.bar is not None:
             self.bar.set_postfix({"img/s": f"{values['perf/img_per_s']:.1f}", "sit": f"{values['sit/loss']:.4f}",
                                   "vae": f"{values['vae/loss']:.4f}", "d": f"{values['disc/discriminator_loss']:.3f}"})
         save_loss_plot({k: v for k, v in self.history.items() if k.endswith("loss")},
                        os.path.join(self.run_dir, PLOT_FILE))
-        with open(os.path.join(self.run_dir, LOG_FILE), "a") as f:
-            f.write(json_line({"step": step, **values}) + "\n")
 
     def close(self) -> None:
         if self.bar is not None:

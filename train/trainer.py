@@ -25,6 +25,7 @@ from .distributed import all_max, log0, on_rank0, rank, world_size
 from .draws import StepRandom
 from .feature_cache import FeatureCache
 from .metrics import Metrics, engine_values
+from .online_eval import OnlineFID
 from .preemption import StopRequest, describe
 from .resume import apply_optimizer_settings, check_resume
 from .step import StepInputs, StepSettings, train_step
@@ -45,6 +46,8 @@ class Trainer:
             raise ValueError(f"schedule.global_batch_size={cfg.schedule.global_batch_size} is not divisible by the "
                              f"world size {self.world}")
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+        self.online_fid = OnlineFID.for_run(cfg, rank=self.rank, world=self.world, device=self.device)
+        """eval.fid_every > 0: its reference and Inception files are checked here, before anything is built."""
         self.run_dir = cfg.logging.run_dir
         self.ckpt_root = os.path.join(self.run_dir, ckpt.CKPT_DIR)
         if self.rank == 0:  # before anything is written: a partial checkpoint may be what filled the disk
@@ -246,6 +249,8 @@ class Trainer:
             self.save_samples()
         if self.step % cfg.logging.ckpt_every == 0 or last:
             self.save_checkpoint()
+        if self.online_fid is not None and self.step % cfg.eval.fid_every == 0:  # after the checkpoint: minutes
+            self.online_fid.run(self.step, self.ema.module, self.models.vae.module, metrics)
         if (reason := self._should_stop()) is None:
             return False
         if not last:  # at max_steps the run is complete (and saved above)
