@@ -117,9 +117,9 @@ def iter_image_batches(path: str, batch_size: int, name: str = "arr_0") -> Itera
 
 @torch.inference_mode()
 def inception_features(net: torch.nn.Module, batches: Iterator[np.ndarray], num_images: int,
-                       device: torch.device, desc: str = "inception") -> dict[str, np.ndarray]:
+                       device: torch.device, desc: str = "inception", progress: bool = True) -> dict[str, np.ndarray]:
     """{'pool': [n, 2048], 'spatial': [n, 2023], 'logits': [n, 1008]} float32, batches forwarded on `device`
-    with a progress bar."""
+    with a progress bar (`progress=False`: none, e.g. on the ranks other than 0)."""
     from tqdm.auto import tqdm
 
     captured = []
@@ -127,7 +127,7 @@ def inception_features(net: torch.nn.Module, batches: Iterator[np.ndarray], num_
     net = net.to(device)
     out = {name: [] for name in FEATURES}
     try:
-        with tqdm(total=num_images, desc=desc, unit="img") as bar:
+        with tqdm(total=num_images, desc=desc, unit="img", disable=not progress) as bar:
             for images_BRR3 in batches:
                 x_B3RR = torch.from_numpy(np.ascontiguousarray(images_BRR3)).to(device).permute(0, 3, 1, 2)
                 pool_BF, logits_BF = net(x_B3RR)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import io
 import math
 import os
 import time
@@ -90,16 +89,14 @@ def rank_chunks(s: Settings, rank: int, world: int) -> list[int]:
 def share_features(models: SamplingModels, s: Settings, labels: torch.Tensor, chunks: list[int], net: nn.Module,
                    device: torch.device, *, progress: bool) -> np.ndarray:
     """float32 [n, F] pool features of the samples of `chunks`, each chunk generated and embedded in turn (one
-    chunk of images in memory at a time). `progress`: the Inception's bar (the other ranks write it nowhere)."""
+    chunk of images in memory at a time). `progress`: the Inception's bar (rank 0 only)."""
     from .evaluate_inception import inception_features
 
     if not chunks:  # more ranks than chunks
         return np.zeros((0, POOL_WIDTH), dtype=np.float32)
     batches = (sample_chunk(models, s, c, labels, device) for c in chunks)
     count = sum(len(chunk_range(c, s)) for c in chunks)
-    quiet = contextlib.nullcontext() if progress else contextlib.redirect_stderr(io.StringIO())
-    with quiet:
-        return inception_features(net, batches, count, device, desc=f"online FID step {s.step}")["pool"]
+    return inception_features(net, batches, count, device, desc=f"online FID step {s.step}", progress=progress)["pool"]
 
 
 def feature_sums(pool_nF: np.ndarray) -> np.ndarray:

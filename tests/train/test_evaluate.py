@@ -95,6 +95,9 @@ def fast_sqrtm(matrix: np.ndarray) -> np.ndarray:
     return np.diag(np.sqrt(np.diag(matrix).clip(min=0)))
 
 
+N_SAMPLES, N_REF = 150, 130
+
+
 def test_command_end_to_end_with_random_inception(tmp_path, monkeypatch, capsys):
     torch.manual_seed(0)
     monkeypatch.setattr(evaluate_metrics, "_sqrtm", fast_sqrtm)
@@ -103,23 +106,23 @@ def test_command_end_to_end_with_random_inception(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(evaluate_inception, "inception_features",
                         lambda *a, **k: passes.append(a[2]) or real(*a, **k))
     samples, ref = tmp_path / "samples.npz", tmp_path / "ref.npz"
-    write_batch(samples, 48, 0)
-    write_batch(ref, 48, 1)
-    argv = [str(samples), "--ref", str(ref), "--allow-random-inception", "--batch-size", "24"]
+    write_batch(samples, N_SAMPLES, 0)  # a few hundred tiny images in all
+    write_batch(ref, N_REF, 1)
+    argv = [str(samples), "--ref", str(ref), "--allow-random-inception", "--batch-size", "50"]
     assert evaluate.main(argv + ["--json", str(tmp_path / "a.json")]) == 0
     first = json.loads((tmp_path / "a.json").read_text())
-    assert passes == [48, 48]
+    assert passes == [N_SAMPLES, N_REF]
     for key in ("fid", "sfid", "inception_score", "precision", "recall"):
         assert isinstance(first[key], float) and np.isfinite(first[key]), (key, first[key])
     assert "RANDOMLY INITIALISED INCEPTION" in capsys.readouterr().err
     with np.load(str(samples) + ".inception.npz") as z:
-        assert z["pool"].shape == (48, 2048) and z["spatial"].shape == (48, 7 * 17 * 17)
-        assert z["logits"].shape == (48, 1008) and z["pool"].std() > 0
+        assert z["pool"].shape == (N_SAMPLES, 2048) and z["spatial"].shape == (N_SAMPLES, 7 * 17 * 17)
+        assert z["logits"].shape == (N_SAMPLES, 1008) and z["pool"].std() > 0
     with np.load(str(ref) + ".inception.npz") as z:
         pool, spatial = z["pool"], z["spatial"]
 
     assert evaluate.main(argv + ["--json", str(tmp_path / "b.json")]) == 0  # second call: both caches reused
-    assert passes == [48, 48]
+    assert passes == [N_SAMPLES, N_REF]
     assert json.loads((tmp_path / "b.json").read_text()) == first
 
     # An ADM-style reference holding only its statistics (here those of ref.npz): the same FID/sFID, no P/R.
@@ -130,7 +133,8 @@ def test_command_end_to_end_with_random_inception(tmp_path, monkeypatch, capsys)
     argv = [str(samples), "--ref", str(stats_only), "--allow-random-inception", "--json", str(tmp_path / "c.json")]
     assert evaluate.main(argv) == 0
     third = json.loads((tmp_path / "c.json").read_text())
-    assert passes == [48, 48] and third["precision"] is None and third["ref_statistics"] == "stored in the file"
+    assert passes == [N_SAMPLES, N_REF] and third["precision"] is None
+    assert third["ref_statistics"] == "stored in the file"
     assert (third["fid"], third["sfid"]) == (first["fid"], first["sfid"])
 
 
