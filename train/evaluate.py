@@ -114,6 +114,14 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def write_result(result: dict, path: str) -> None:
+    """The metrics as JSON (a non-finite number as null), and a line naming the file."""
+    with open(path, "w") as f:
+        json.dump({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in result.items()},
+                  f, indent=2)
+    print(f"wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -122,11 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"evaluate: {err}", file=sys.stderr)
         return 2
     print(format_table(result))
-    json_path = args.json or args.samples + ".eval.json"
-    with open(json_path, "w") as f:
-        json.dump({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in result.items()},
-                  f, indent=2)
-    print(f"wrote {json_path}")
+    write_result(result, args.json or args.samples + ".eval.json")
     return 0
 
 

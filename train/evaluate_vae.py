@@ -32,8 +32,6 @@ images and the reconstruction: train/evaluate_vae_io.py. Prints a table and writ
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import re
 import sys
@@ -48,6 +46,7 @@ from repae.model.vae import VAE_CONFIGS
 
 from . import evaluate_inception as inception
 from . import evaluate_metrics as metrics
+from .evaluate import write_result
 from .evaluate_vae_io import DEFAULT_RESOLUTION, image_batches, load_vae, reconstruct
 from .evaluate_vae_metrics import ReconstructionScores
 
@@ -167,11 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(result))
     p = result["protocol"]
     name = f"vae-eval-{_stem(args.vae)}-{_stem(args.images)}-r{p['resolution']}-n{p['num_images']}.json"
-    json_path = args.json or name
-    with open(json_path, "w") as f:
-        json.dump({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in result.items()},
-                  f, indent=2)
-    print(f"wrote {json_path}")
+    write_result(result, args.json or name)
     return 0
 
 
