@@ -201,6 +201,7 @@ def check_paths(cfg: TrainConfig) -> None:
     """Every path the run will read must exist: FileNotFoundError naming the config key and the path."""
     reads_root = cfg.data.source not in ("demo", "synthetic")
     paths = [("data.root", cfg.data.root if reads_root else None), ("data.file_list", cfg.data.file_list),
+             ("data.latent_cache", cfg.data.latent_cache),
              ("vae.weights", cfg.vae.weights), ("vae.latents_stats", cfg.vae.latents_stats),
              ("vae.discriminator_weights", cfg.vae.discriminator_weights), ("encoder.weights", cfg.encoder.weights),
              ("encoder.weights_dir", cfg.encoder.weights_dir), ("encoder.feature_cache", cfg.encoder.feature_cache),

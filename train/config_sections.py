@@ -213,11 +213,16 @@ class DataSection:
     max_bad_images: int = 100
     """Unreadable image files (truncated, corrupt, empty, not an image) one rank may skip, each replaced by the
     next readable file in sorted order and logged once with its name; one more stops the run (0: stop at the first)."""
+    latent_cache: str | None = None
+    """A latent cache folder (`python -m repae.train.latent_cache`): the VAE posterior (mean, std) of every image,
+    which the LDM-only run samples from instead of running the VAE; checked against the VAE, its latent
+    statistics, the config and the dataset at start (train/latent_cache.py)."""
 
     def __post_init__(self):
         choice("source", self.source, DATA_SOURCES)
         optional_path("root", self.root)
         optional_path("file_list", self.file_list)
+        optional_path("latent_cache", self.latent_cache)
         int_at_least("resolution", self.resolution, 1)
         require("resolution", self.resolution, self.resolution % ENCODER_PATCH_GRID == 0,
                  f"must be a multiple of {ENCODER_PATCH_GRID} (DINOv2 sees 224 * resolution / 256 px in 14-px patches)")

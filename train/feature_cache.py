@@ -31,18 +31,27 @@ decode and crop (train/data.py), not from DALI's pixels.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
-import hashlib
-import json
 import os
 import sys
 
 import numpy as np
 import torch
 
+from .array_cache import (
+    HEADER,  # noqa: F401 (re-exported: the header file name of this cache)
+    collate_images,
+    open_for_write,
+    read_header,
+    source_for_cache,
+    state_dict_fingerprint,
+    write_header,
+)
+from .array_cache import check_identity as _check_identity
+from .array_cache import dataset_identity as _dataset_identity
+
 FORMAT, VERSION = "repae-feature-cache", 1
-HEADER = "header.json"
+WHAT, COMPUTED_FOR = "feature cache", "encoder, config or dataset"
 STORAGE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 NUMPY_DTYPES = {"fp16": np.float16, "bf16": np.uint16}
 
@@ -54,17 +63,6 @@ def tokens_file(path: str, k: int) -> str:
 # ---------------------------------------------------------------------------------------------------
 # Identity: what the cache was computed from, compared field by field at load
 # ---------------------------------------------------------------------------------------------------
-
-
-def state_dict_fingerprint(module: torch.nn.Module) -> str:
-    """sha256 over every tensor of the state dict (name, dtype, shape, bytes), 16 hex digits: the weights as built
-    (loaded or random, pos_embed resampled), independent of the device."""
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def _weights_info(cfg, enc_type: str) -> str:
@@ -98,66 +96,19 @@ def config_identity(cfg, encoders) -> dict:
 
 
 def dataset_identity(source) -> dict:
-    """root, image count and a hash of the ordered (name, label) list of a data source's `dataset`: the relpaths
-    of a class-folder tree (train/data.py, also read by DALI), the image keys of an images.h5 (train/h5_data.py)."""
-    ds = getattr(source, "dataset", source)
-    relpaths, labels = getattr(ds, "relpaths", None), getattr(ds, "labels", None)
-    if relpaths is None and isinstance(getattr(ds, "keys", None), np.ndarray):
-        relpaths = ds.keys
-    root = getattr(source, "root", None) or getattr(ds, "root", None)
-    if relpaths is None or labels is None or root is None:
-        raise ValueError(f"feature cache: the data source {type(source).__name__} does not expose its file order "
-                         "(root, relpaths, labels), which the cache is indexed by")
-    h = hashlib.sha256(b"\n".join(p if isinstance(p, bytes) else str(p).encode() for p in relpaths))
-    h.update(np.asarray(labels, dtype=np.int64).tobytes())
-    return {"root": os.path.abspath(os.fspath(root)), "num_images": len(relpaths), "index_hash": h.hexdigest()[:16]}
-
-
-def _mismatch(cached, run, field: str) -> tuple[str, object, object] | None:
-    """The first field (dotted path) where `run` differs from `cached`, with both values; None if all equal."""
-    if isinstance(run, dict) and isinstance(cached, dict):
-        for key in run:
-            if (m := _mismatch(cached.get(key), run[key], f"{field}.{key}")) is not None:
-                return m
-        return None
-    if isinstance(run, list) and isinstance(cached, list) and len(run) == len(cached):
-        for i, (c, r) in enumerate(zip(cached, run)):
-            if (m := _mismatch(c, r, f"{field}[{i}]")) is not None:
-                return m
-        return None
-    return None if cached == run else (field, cached, run)
+    """train/array_cache.py's dataset identity (root, image count, hash of the ordered names and labels)."""
+    return _dataset_identity(source, WHAT)
 
 
 def check_identity(path: str, cached: dict, identity: dict,
                    hint: str = "rebuild it, or unset encoder.feature_cache") -> None:
     """ValueError (one line naming the field and both values) unless every field of `identity` equals the
     cache's (resolution, preprocessing, autocast, encoders, dataset: whichever are given)."""
-    if (m := _mismatch(cached, identity, "")) is not None:
-        field, was, now = m
-        raise ValueError(f"feature cache {path}: {field.lstrip('.')} is {was!r} in the cache but {now!r} in this run "
-                         f"(it was computed for another encoder, config or dataset: {hint})")
+    _check_identity(path, cached, identity, what=WHAT, computed_for=COMPUTED_FOR, hint=hint)
 
 
 def _read_header(path: str) -> dict:
-    file = os.path.join(path, HEADER)
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"feature cache {path}: no {HEADER} (not a feature cache, or its write never started)")
-    with open(file) as f:
-        header = json.load(f)
-    if header.get("format") != FORMAT or header.get("version") != VERSION:
-        raise ValueError(f"feature cache {path}: format {header.get('format')!r} version {header.get('version')!r}, "
-                         f"expected {FORMAT!r} version {VERSION}")
-    return header
-
-
-def _write_header(path: str, header: dict) -> None:
-    """Atomically: a reader sees the old header or the new one."""
-    tmp = os.path.join(path, f"{HEADER}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(header, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(path, HEADER))
+    return read_header(path, FORMAT, VERSION, WHAT)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -237,44 +188,16 @@ def to_storage(zs_BNE: torch.Tensor, dtype: str) -> np.ndarray:
     return q.numpy() if dtype == "fp16" else q.view(torch.int16).numpy().view(np.uint16)
 
 
-def _collate_images(samples) -> torch.Tensor:
-    """Dataset items (train/data.py Sample, or (image, label, ...) tuples) -> uint8 [B, 3, R, R]."""
-    return torch.stack([s.image if hasattr(s, "image") else s[0] for s in samples])
-
-
-def _source_for_cache(cfg, device: torch.device):
-    """The run's data source over the whole dataset; DALI is replaced by the folder source (the reference decode)."""
-    from .sources import build_source, choose_source
-
-    if choose_source(cfg.data.source, cfg.data.root, device)[0] == "dali":
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source="folder"))
-    if cfg.data.source not in ("demo", "synthetic") and cfg.data.root is None:
-        raise ValueError(f"config key data.root must be set for data.source={cfg.data.source}")
-    source, line = build_source(cfg, rank=0, world=1, device=device, run_dir=cfg.logging.run_dir)
-    if not hasattr(source, "dataset"):
-        raise ValueError(f"feature cache: the data source {type(source).__name__} has no indexable dataset")
-    return source, line
-
-
 def _open_for_write(path: str, identity: dict, info: dict, dtype: str) -> tuple[dict, list[np.ndarray]]:
     """The header and writable token arrays: a partial cache of the same identity and dtype continues, anything
     else at `path` that has a header is refused (one line)."""
     n = identity["dataset"]["num_images"]
-    shapes = [(n, e["num_tokens"], e["embed_dim"]) for e in identity["encoders"]]
-    if os.path.isfile(os.path.join(path, HEADER)):
-        header = _read_header(path)
-        if header["dtype"] != dtype:
-            raise ValueError(f"feature cache {path}: dtype is {header['dtype']!r} in the cache but {dtype!r} here "
-                             "(remove it to start over)")
-        check_identity(path, header["identity"], identity, hint="remove it, or write to another --out")
-        return header, [np.load(tokens_file(path, k), mmap_mode="r+") for k in range(len(shapes))]
-    os.makedirs(path, exist_ok=True)
-    arrays = [np.lib.format.open_memmap(tokens_file(path, k), mode="w+", dtype=NUMPY_DTYPES[dtype], shape=shape)
-              for k, shape in enumerate(shapes)]
+    arrays = {os.path.basename(tokens_file(path, k)): ((n, e["num_tokens"], e["embed_dim"]), NUMPY_DTYPES[dtype])
+              for k, e in enumerate(identity["encoders"])}
     header = {"format": FORMAT, "version": VERSION, "dtype": dtype, "rows_done": 0, "complete": False,
               "identity": identity, "info": info}
-    _write_header(path, header)
-    return header, arrays
+    header, out = open_for_write(path, header, arrays, what=WHAT, computed_for=COMPUTED_FOR, same=("dtype",))
+    return header, list(out.values())
 
 
 @torch.no_grad()
@@ -295,7 +218,7 @@ def write_cache(cfg, path: str, *, dtype: str = "fp16", batch_size: int = 64, de
     torch.backends.cudnn.allow_tf32 = cfg.schedule.tf32
     torch.manual_seed(cfg.schedule.seed)
     encoders = [e.to(device) for e in build_encoders(cfg)]
-    source, line = _source_for_cache(cfg, device)
+    source, line = source_for_cache(cfg, device, WHAT)
     log(line)
     identity = {**config_identity(cfg, encoders), "dataset": dataset_identity(source)}
     info = {"weights": [_weights_info(cfg, e.enc_type) for e in encoders], "device": str(device),
@@ -307,7 +230,7 @@ def write_cache(cfg, path: str, *, dtype: str = "fp16", batch_size: int = 64, de
         return path
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(source.dataset, range(start, n)),
                                          batch_size=batch_size, shuffle=False, num_workers=cfg.data.num_workers,
-                                         collate_fn=_collate_images)
+                                         collate_fn=collate_images)
     from tqdm import tqdm
 
     bar = tqdm(total=n, initial=start, unit="img", desc="feature cache", disable=not progress)
@@ -322,7 +245,7 @@ def write_cache(cfg, path: str, *, dtype: str = "fp16", batch_size: int = 64, de
             arr.flush()
         start = header["rows_done"] = stop
         header["complete"] = stop == n
-        _write_header(path, header)  # after the rows are flushed: the watermark never runs ahead of the data
+        write_header(path, header)  # after the rows are flushed: the watermark never runs ahead of the data
         bar.update(images_B3RR.shape[0])
     bar.close()
     log(f"wrote {path}: {n} images, {len(arrays)} encoder(s), {dtype}")
