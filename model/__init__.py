@@ -25,6 +25,7 @@ _EXPORTS = {
     "Attention": "attention", "ATTN_BACKENDS": "attention",
     "AutoencoderKL": "vae", "DiagonalGaussianDistribution": "vae", "build_vae": "vae", "load_vae_weights": "vae",
     "load_latents_stats": "vae", "save_latents_stats": "vae", "diffusers_to_ldm": "vae",
+    "ldm_to_diffusers": "vae", "diffusers_config": "vae",
     "NLayerDiscriminator": "discriminator", "build_discriminator": "discriminator",
     "LPIPS": "lpips",
     "DINOv2Encoder": "encoders", "load_encoders": "encoders", "preprocess_for_dinov2": "encoders",

@@ -6,9 +6,9 @@
     bias_C, scale_C = load_latents_stats("e2e-sdvae-latents-stats.pt")   # normalise: (z - bias) * scale
 
 Holds: the encoder/decoder building blocks, DiagonalGaussianDistribution, AutoencoderKL, the VAE
-registry, the diffusers -> LDM key remap, the config read back from a state dict's shapes and the
-latents-stats file format. Must not hold losses (the VAE loss lives in model/losses.py), the latent BatchNorm
-(kernels/) or a weight-file reader (model/weights.py reads and writes every file).
+registry, the diffusers <-> LDM key remaps and the diffusers config.json, the config read back from a state
+dict's shapes and the latents-stats file format. Must not hold losses (the VAE loss lives in model/losses.py),
+the latent BatchNorm (kernels/) or a weight-file reader (model/weights.py reads and writes every file).
 """
 
 # B batch, F feature channels, H, W image height and width, h, w latent height and width, C latent channels
@@ -361,7 +361,7 @@ def build_vae(name: str | VAEConfig = "f8d4") -> AutoencoderKL:
 
 
 # ---------------------------------------------------------------------------------------------------
-# diffusers AutoencoderKL files -> LDM keys
+# diffusers AutoencoderKL files <-> LDM keys, and the diffusers config
 # ---------------------------------------------------------------------------------------------------
 
 # (diffusers pattern, LDM replacement), applied in order after the decoder up-block index is flipped.
@@ -426,6 +426,83 @@ def diffusers_to_ldm(sd: StateDict) -> StateDict:
     if unknown:
         raise ValueError(f"diffusers VAE state dict: {len(unknown)} keys have no LDM name: {unknown[:10]}")
     return out
+
+
+# LDM -> diffusers: the inverse of the rules above (after the decoder up-level index is flipped).
+_LDM_TO_DIFFUSERS_RULES = [
+    (r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out."),
+    (r"^(encoder|decoder)\.mid\.block_1\.", r"\1.mid_block.resnets.0."),
+    (r"^(encoder|decoder)\.mid\.block_2\.", r"\1.mid_block.resnets.1."),
+    (r"^(encoder|decoder)\.mid\.attn_1\.", r"\1.mid_block.attentions.0."),
+    (r"^encoder\.down\.(\d+)\.block\.", r"encoder.down_blocks.\1.resnets."),
+    (r"^encoder\.down\.(\d+)\.attn\.", r"encoder.down_blocks.\1.attentions."),
+    (r"^encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0."),
+    (r"^decoder\.up\.(\d+)\.block\.", r"decoder.up_blocks.\1.resnets."),
+    (r"^decoder\.up\.(\d+)\.attn\.", r"decoder.up_blocks.\1.attentions."),
+    (r"^decoder\.up\.(\d+)\.upsample\.", r"decoder.up_blocks.\1.upsamplers.0."),
+    (r"\.nin_shortcut\.", r".conv_shortcut."),
+    (r"\.attentions\.(\d+)\.norm\.", r".attentions.\1.group_norm."),
+    (r"\.attentions\.(\d+)\.(q|k|v)\.", r".attentions.\1.to_\2."),
+    (r"\.attentions\.(\d+)\.proj_out\.", r".attentions.\1.to_out.0."),
+]
+
+
+def ldm_to_diffusers(sd: StateDict) -> StateDict:
+    """Rename an LDM AutoencoderKL state dict to diffusers keys; attention conv [C, C, 1, 1] -> Linear [C, C].
+
+    The exact inverse of diffusers_to_ldm (current diffusers names: to_q/to_k/to_v/to_out.0, group_norm):
+    LDM `up.{i}` becomes up_blocks.{L-1-i}. Keys that are not LDM AutoencoderKL names raise ValueError naming
+    them. Tensors are not copied (the attention weights are views).
+    """
+    unknown = [k for k in sd if not _LDM_KEY.match(k)]
+    if unknown:
+        raise ValueError(f"LDM VAE state dict: {len(unknown)} keys are not AutoencoderKL names: {unknown[:10]}")
+    ups = [int(m.group(1)) for k in sd if (m := re.match(r"^decoder\.up\.(\d+)\.", k))]
+    num_up = max(ups) + 1 if ups else 0
+    out = {}
+    for key, value in sd.items():
+        new = re.sub(r"^decoder\.up\.(\d+)\.", lambda m: f"decoder.up.{num_up - 1 - int(m.group(1))}.", key)
+        for pattern, repl in _LDM_TO_DIFFUSERS_RULES:
+            new = re.sub(pattern, repl, new)
+        if _ATTN_PROJ_WEIGHT.search(key) and value.dim() == 4:
+            value = value[:, :, 0, 0]  # 1x1 conv [C, C, 1, 1] -> Linear [C, C]
+        out[new] = value
+    return out
+
+
+DIFFUSERS_VERSION = "0.42.1"
+"""`_diffusers_version` written into config.json: the diffusers release the exported layout was checked with
+(tests/train/test_export_formats.py loads it with the installed one; every key below exists since 0.30)."""
+
+
+def diffusers_config(cfg: VAEConfig, latents_mean: Sequence[float], latents_std: Sequence[float], *,
+                     sample_size: int | None = None) -> dict:
+    """The config.json of a diffusers `AutoencoderKL` with the modules of `cfg` (ldm_to_diffusers gives its
+    weights), carrying the latent statistics.
+
+    scaling_factor is 1.0 and shift_factor None: the per-channel latents_mean / latents_std (the EMA latent BN's
+    running_mean and sqrt(running_var)) are the whole normalisation, z_norm = (z - latents_mean) / latents_std,
+    and decoding takes z = z_norm * latents_std + latents_mean (diffusers' SDXL convention with scaling_factor
+    1). A pipeline that only knows a scalar shift_factor fails on None rather than skipping the statistics.
+    sample_size (diffusers' tiling size): the training resolution when given, else cfg.resolution.
+    """
+    mean, std = [float(v) for v in latents_mean], [float(v) for v in latents_std]
+    if len(mean) != cfg.embed_dim or len(std) != cfg.embed_dim:
+        raise ValueError(f"diffusers_config: latents_mean ({len(mean)}) and latents_std ({len(std)}) need one value "
+                         f"per latent channel ({cfg.embed_dim})")
+    levels, attn = range(len(cfg.ch_mult)), _attn_levels(cfg)
+    return {
+        "_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION,
+        "in_channels": cfg.in_channels, "out_channels": cfg.in_channels,
+        "down_block_types": ["AttnDownEncoderBlock2D" if i in attn else "DownEncoderBlock2D" for i in levels],
+        # diffusers lists the decoder from the lowest resolution up
+        "up_block_types": ["AttnUpDecoderBlock2D" if i in attn else "UpDecoderBlock2D" for i in reversed(levels)],
+        "block_out_channels": [cfg.ch * m for m in cfg.ch_mult], "layers_per_block": cfg.num_res_blocks,
+        "act_fn": "silu", "latent_channels": cfg.embed_dim, "norm_num_groups": 32,  # Normalize(): 32 groups
+        "sample_size": sample_size or cfg.resolution, "scaling_factor": 1.0, "shift_factor": None,
+        "latents_mean": mean, "latents_std": std, "force_upcast": True, "use_quant_conv": True,
+        "use_post_quant_conv": True, "mid_block_add_attention": True,
+    }
 
 
 def _ldm_layout(sd: StateDict) -> StateDict:
