@@ -7,8 +7,8 @@ records what the rows were computed from, checked field by field when a run open
 
 Users: train/feature_cache.py (DINOv2 tokens) and train/latent_cache.py (VAE posterior moments). Holds the
 identity helpers (state-dict fingerprint, dataset identity, first mismatching field), the atomic header write,
-the memory-mapped array creation and reopening, and the data source a cache is computed from. Must not hold what
-either cache stores or how its rows are computed.
+the memory-mapped arrays (created, reopened, rows written in place) and the data source a cache is computed
+from. Must not hold what either cache stores or how its rows are computed.
 """
 
 # R resolution; in formulas n images
@@ -144,6 +144,31 @@ def open_for_write(path: str, header: dict, arrays: dict[str, tuple[tuple[int, .
            for name, (shape, dtype) in arrays.items()}
     write_header(path, header)
     return header, out
+
+
+def write_rows(file: str, start: int, block: np.ndarray) -> None:
+    """Rows [start, start + len(block)) of a .npy written in place (one pwrite at their offset, so ranks writing
+    disjoint rows of one file never meet) and fsynced before it returns."""
+    offset = np.load(file, mmap_mode="r").offset + start * block[0].nbytes
+    data = np.ascontiguousarray(block).tobytes()
+    fd = os.open(file, os.O_RDWR)
+    try:
+        written = os.pwrite(fd, data, offset)
+        if written != len(data):
+            raise OSError(f"{file}: wrote {written} of {len(data)} bytes at offset {offset}")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_npy_atomic(file: str, arr: np.ndarray) -> None:
+    """np.save written, fsynced and renamed: a reader sees the old array or the new one."""
+    tmp = f"{file}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        np.save(f, arr)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, file)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,6 +1,5 @@
-"""VAE latent cache: the frozen VAE's posterior (mean, std) of every image of a dataset, computed once and read by
-the LDM-only run, which samples z = mean + std * eps each step (the original's cache_latents.py and
-train_ldm_only.py).
+"""VAE latent cache: the frozen VAE's posterior (mean, std) of every image of a dataset, computed once for the
+LDM-only run, which samples z = mean + std * eps each step (docs/METHOD.md#latent-cache).
 
     python -m repae.train.latent_cache --config CONFIG [--set k=v ...] [--out PATH] [--batch-size N]
     torchrun --nproc_per_node 8 -m repae.train.latent_cache --config CONFIG --out PATH   # rows dealt over ranks
@@ -9,28 +8,23 @@ train_ldm_only.py).
     cache.check_source(source)                                # ... and its dataset
     mean_BChw, std_BChw = cache.moments(indices_B, device)    # fp32, bitwise the VAE's posterior.mean / .std
 
-Valid because the VAE is frozen and nothing is augmented: an image's posterior is a fixed function of its dataset
-index. The VAE runs in fp32, eval mode, without autocast (as the original), so the rows are the posterior's own
-fp32 numbers and a sample drawn from them equals the VAE's sample with the same eps, bitwise. TF32 follows
-schedule.tf32 as in the trainer (recorded in `info`).
+The VAE runs in fp32, eval mode, without autocast (as the original; TF32 as schedule.tf32), and the rows are stored
+in fp32 (no fp16/bf16 option), so a sample drawn from them is the VAE's own sample with the same eps, bitwise.
 
-Format (chosen over the original's HDF5 file: memory-mapped rows need no h5py and no per-read decode, and the
-ranks write one file at disjoint offsets): PATH is a folder holding
-- `moments.npy`: float32 [n, 2C, h, w] in dataset-index order (the source's file order), mean then std per image,
-  the original's per-image layout (std = exp(0.5 * clamp(logvar, -30, 20)), not the logvar); no fp16/bf16 option:
-  the round trip is exact;
-- `labels.npy`: int64 [n], the label of the image each row was computed from;
+Format (instead of the original's HDF5 file: memory-mapped rows need no h5py, and the ranks write one file at
+disjoint offsets): PATH is a folder holding
+- `moments.npy`: float32 [n, 2C, h, w] in dataset-index order, per image the mean then the std (the original's
+  layout; std = exp(0.5 * clamp(logvar, -30, 20)), not the logvar); `labels.npy`: int64 [n], each row's label;
 - `header.json`: {"format", "version", "chunk_rows", "complete", "identity", "info"}. `identity` is checked field
-  by field at load (a mismatch is one line naming the field and both values): data.resolution, the preprocessing,
-  the precision, the VAE (registry name, VAEConfig, a hash of its state dict), the latent statistics the run
-  normalises with (bias and scale per channel, exact), the latent shape and the dataset (root, image count, a hash
-  of the ordered names and labels). `info` is not checked (weight files, TF32, device, world size, date);
-- during a write, `done-r<k>.npy`: bool [chunks] of writing rank k. Chunk c (rows [c * chunk_rows, (c + 1) *
-  chunk_rows), one VAE batch at every world size, so the file does not depend on it) is marked after its rows are
-  written and fsynced. A write starts from the union of all done files (of any earlier world size), deals the
-  missing chunks over its ranks, and rank 0 sets `complete` and removes the done files once every chunk is marked.
-A row whose image was unreadable holds its replacement's moments and label (train/loader.py), a row a run of the
-same source never reads. DALI runs: rows come from the reference PIL decode and crop, as the feature cache's.
+  by field at load (one line naming the field and both values): resolution, preprocessing, precision, the VAE
+  (name, VAEConfig, a hash of its state dict), the latent statistics (bias and scale, exact), the latent shape and
+  the dataset (root, image count, a hash of the ordered names and labels); `info` is not checked;
+- during a write, `done-r<k>.npy`: bool [chunks] of rank k. Chunk c = rows [c * chunk_rows, (c + 1) * chunk_rows),
+  one VAE batch at every world size (so the bytes do not depend on it), is marked after its rows are fsynced. A
+  write starts from the union of all done files (any earlier world size), deals the missing chunks over its ranks,
+  and rank 0 sets `complete` and removes the done files once every chunk is marked.
+A row whose image was unreadable holds its replacement's moments and label (train/loader.py). DALI runs: rows come
+from the reference PIL decode and crop, as the feature cache's.
 """
 
 # B batch, C latent channels, h, w latent height and width, R image side; in formulas n images, c chunk
@@ -55,9 +49,11 @@ from .array_cache import (
     open_array,
     open_for_write,
     read_header,
+    save_npy_atomic,
     source_for_cache,
     state_dict_fingerprint,
     write_header,
+    write_rows,
 )
 from .distributed import barrier, log0, on_rank0, rank, world_size
 
@@ -113,15 +109,11 @@ def posterior_moments(vae, images_B3RR: torch.Tensor) -> tuple[torch.Tensor, tor
     return posterior.mean, posterior.std
 
 
-def _json(obj):
-    """As JSON stores it (tuples become lists), so a run's identity compares equal to the header's."""
-    return json.loads(json.dumps(obj))
-
-
 def config_identity(cfg, vae, latents_bias: torch.Tensor, latents_scale: torch.Tensor) -> dict:
     """The identity fields that come from the run config, its VAE and the latent statistics it normalises with."""
     C, f = vae.config.embed_dim, vae.config.factor
-    return _json({  # compared in this order: the first difference is the one named
+    # Through JSON (tuples become lists) so that it compares equal to the header's; the first difference is named.
+    return json.loads(json.dumps({
         "resolution": cfg.data.resolution,
         "preprocessing": {"crop": "RGB, ADM center crop (train/data.py load_image)", "scale": "x / 127.5 - 1"},
         "precision": "fp32, eval, no autocast",
@@ -131,7 +123,7 @@ def config_identity(cfg, vae, latents_bias: torch.Tensor, latents_scale: torch.T
         "latents_stats": {"bias": latents_bias.detach().float().cpu().reshape(-1).tolist(),
                           "scale": latents_scale.detach().float().cpu().reshape(-1).tolist()},
         "latent_shape": [C, cfg.data.resolution // f, cfg.data.resolution // f],
-    })
+    }))
 
 
 def _rows_done(path: str, chunk_rows: int, n: int) -> tuple[np.ndarray, int]:
@@ -214,31 +206,6 @@ class LatentCache:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _write_rows(file: str, start: int, block: np.ndarray) -> None:
-    """Rows [start, start + len(block)) of a .npy written in place and fsynced (the memory map is never used for
-    writing: one pwrite per chunk, at an offset no other rank writes)."""
-    offset = np.load(file, mmap_mode="r").offset + start * block[0].nbytes
-    data = np.ascontiguousarray(block).tobytes()
-    fd = os.open(file, os.O_RDWR)
-    try:
-        written = os.pwrite(fd, data, offset)
-        if written != len(data):
-            raise OSError(f"{WHAT} {file}: wrote {written} of {len(data)} bytes at offset {offset}")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _save_done(path: str, r: int, done: np.ndarray) -> None:
-    """Rank r's done file, atomically (written, fsynced, renamed)."""
-    tmp = f"{done_file(path, r)}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        np.save(f, done)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, done_file(path, r))
-
-
 def deal_chunks(done: np.ndarray, r: int, world: int) -> list[int]:
     """Rank r's share of the chunks not done yet: every world-th of them, from the r-th (disjoint, no padding)."""
     return [int(c) for c in np.flatnonzero(~done)[r::world]]
@@ -260,10 +227,10 @@ def _fill(vae, dataset, path: str, chunks: list[int], done: np.ndarray, *, chunk
             print(f"[repae] rank {r}: unreadable image {dataset.path(i)} ({reason}); its row holds "
                   f"{dataset.name(used)}", flush=True)
         mean_BChw, std_BChw = posterior_moments(vae, images_B3RR.to(device))
-        _write_rows(os.path.join(path, MOMENTS), c * chunk_rows, torch.cat([mean_BChw, std_BChw], 1).cpu().numpy())
-        _write_rows(os.path.join(path, LABELS), c * chunk_rows, labels_B.to(torch.int64).numpy())
+        write_rows(os.path.join(path, MOMENTS), c * chunk_rows, torch.cat([mean_BChw, std_BChw], 1).cpu().numpy())
+        write_rows(os.path.join(path, LABELS), c * chunk_rows, labels_B.to(torch.int64).numpy())
         done[c] = True
-        _save_done(path, r, done)  # after the rows are on disk: a mark never runs ahead of the data
+        save_npy_atomic(done_file(path, r), done)  # after the rows are on disk: a mark never runs ahead of the data
         bar.update(len(images_B3RR))
 
 
@@ -273,14 +240,6 @@ def _open(path: str, header: dict, arrays: dict) -> dict:
         for file in glob.glob(os.path.join(path, "done-r*.npy")):  # marks of a cache that is gone
             os.remove(file)
     return open_for_write(path, header, arrays, what=WHAT, computed_for=COMPUTED_FOR)[0]
-
-
-def _info(cfg, device: torch.device) -> dict:
-    weights = cfg.vae.weights
-    return {"vae_weights": f"{weights} ({os.path.getsize(weights)} bytes)" if weights else "random init",
-            "latents_stats": cfg.vae.latents_stats, "tf32": cfg.schedule.tf32, "device": str(device),
-            "world_size": world_size(), "torch": torch.__version__,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat()}
 
 
 def _finish(path: str, header: dict, log) -> None:
@@ -293,8 +252,7 @@ def _finish(path: str, header: dict, log) -> None:
     write_header(path, {**header, "complete": True})
     for file in glob.glob(os.path.join(path, "done-r*.npy")):
         os.remove(file)
-    log(f"wrote {path}: {n} images, moments float32 [{n}, {2 * header['identity']['latent_shape'][0]}, "
-        f"{header['identity']['latent_shape'][1]}, {header['identity']['latent_shape'][2]}]")
+    log(f"wrote {path}: {n} images, latents {header['identity']['latent_shape']} (mean and std, float32)")
 
 
 @torch.no_grad()
@@ -316,8 +274,13 @@ def write_cache(cfg, path: str, *, batch_size: int = 64, device: torch.device | 
     say(line)
     identity = {**config_identity(cfg, vae, bias_C, scale_C), "dataset": dataset_identity(source, WHAT)}
     n, (C, h, w) = identity["dataset"]["num_images"], identity["latent_shape"]
+    weights = cfg.vae.weights
+    info = {"vae_weights": f"{weights} ({os.path.getsize(weights)} bytes)" if weights else "random init",
+            "latents_stats": cfg.vae.latents_stats, "tf32": cfg.schedule.tf32, "device": str(device),
+            "world_size": world, "torch": torch.__version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat()}
     new = {"format": FORMAT, "version": VERSION, "chunk_rows": batch_size, "complete": False, "identity": identity,
-           "info": _info(cfg, device)}
+           "info": info}
     arrays = {MOMENTS: ((n, 2 * C, h, w), np.float32), LABELS: ((n,), np.int64)}
     header = on_rank0(lambda: _open(path, new, arrays), device)
     if header["complete"]:

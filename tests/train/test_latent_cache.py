@@ -25,7 +25,7 @@ from conftest import CONFIGS, tiny_config
 from repae.model.vae import AutoencoderKL, save_latents_stats
 from repae.model.weights import save_weights
 from repae.train.array_cache import HEADER
-from repae.train.config import check_paths
+from repae.train.config import TrainConfig, check_paths
 from repae.train.data import ImageFolderDataset, ImageFolderSource
 from repae.train.demo_data import write_demo_dataset
 from repae.train.latent_cache import (
@@ -40,6 +40,8 @@ from repae.train.latent_cache import (
 )
 
 N, CHUNK, R = 12, 5, 32
+LDM = {"stage": "ldm"} if "stage" in {f.name for f in dataclasses.fields(TrainConfig)} else {}
+"""The config stage that reads data.latent_cache (the LDM-only run), where the config has stages."""
 CPU = torch.device("cpu")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -64,7 +66,7 @@ def cached(tmp_path_factory):
                        torch.tensor([0.5, 2.0, 1.0, 0.25]))
     argv = ["--config", str(CONFIGS / "tiny_cpu.json"), "--out", ns.path, "--batch-size", str(CHUNK)]
     assert main(argv + [a for s in overrides(ns) for a in ("--set", s)]) == 0
-    ns.cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, latent_cache=ns.path))
+    ns.cfg = dataclasses.replace(cfg, **LDM, data=dataclasses.replace(cfg.data, latent_cache=ns.path))
     return ns
 
 
