@@ -1,7 +1,9 @@
 """Everything a run trains or consults, built from its TrainConfig in one place.
 
     models = build(cfg, world, device, use_deepspeed=True)   # StepModels: the three engines, LPIPS, the
-                                                             # DINOv2 encoders, the EMA, the LeCam EMAs
+                                                             # DINOv2 encoders, the EMA, the LeCam EMAs;
+                                                             # stage=ldm: LdmModels (the SiT engine, the
+                                                             # frozen VAE, the encoders, the EMA)
 The SiT and VAE configs come from TrainConfig.model_configs(), the one place that derives them.
 
 Initial weights are identical on every rank (torch.manual_seed(schedule.seed) before anything is built). A demo
@@ -26,20 +28,23 @@ from repae.model.sit import SiT
 from repae.model.vae import AutoencoderKL, build_vae, latents_stats_path, load_latents_stats, load_vae_weights
 
 from .config import ModelConfigs, TrainConfig
+from .config_sections import STAGE_ENGINES
 from .distributed import log0
 from .ema import EMA
 from .engine import build_engine
-from .step import StepModels
+from .latent_cache import build_frozen_vae
+from .step import LdmModels, StepModels
 from .sync_bn import sync_batchnorm_
 
-ENGINES = ("sit", "vae", "disc")
-"""The trained models, in the order of their optimizer sections optim_<name>."""
+ENGINES = STAGE_ENGINES["repae"]
+"""The models REPA-E trains, in the order of their optimizer sections optim_<name> (stage=ldm: the SiT alone)."""
 
 
 def flops_per_image(cfg: TrainConfig) -> float:
     """Training FLOPs per image of the SiT and the VAE (matmuls, convs, attention; counted on the meta device):
-    SiT pass 3x forward, align pass ~2x forward of the blocks up to the projector, VAE 3x forward. DINOv2,
-    LPIPS and the discriminator are left out, so the MFU built on it is a lower bound."""
+    SiT pass 3x forward, align pass ~2x forward of the blocks up to the projector, VAE 3x forward (stage=ldm: the
+    SiT pass alone). DINOv2, LPIPS, the discriminator and the LDM stage's online VAE encode are left out, so the
+    MFU built on it is a lower bound."""
     configs, R = cfg.model_configs(), cfg.data.resolution
     c = replace(configs.sit, kernel_backend="eager")  # the Triton kernels do not run on meta tensors
     with torch.device("meta"):
@@ -48,6 +53,8 @@ def flops_per_image(cfg: TrainConfig) -> float:
         sit_f = count_flops(lambda: sit(z, torch.zeros(1, dtype=torch.long), torch.zeros(1), z,
                                         use_batch_stats=False))
         vae_f = count_flops(lambda: vae(torch.zeros(1, 3, R, R), sample_posterior=False))
+    if cfg.stage == "ldm":
+        return 3 * sit_f
     return 3 * sit_f + 2 * sit_f * c.encoder_depth / c.depth + 3 * vae_f
 
 
@@ -97,15 +104,37 @@ def _build_sit_and_vae(cfg: TrainConfig, configs: ModelConfigs, world: int) -> t
     return sit, vae
 
 
-def build(cfg: TrainConfig, world: int, device: torch.device, *, use_deepspeed: bool) -> StepModels:
+def _build_ldm(cfg: TrainConfig, encoders: list, world: int, device: torch.device, *,
+               use_deepspeed: bool) -> LdmModels:
+    """stage=ldm: the SiT in an engine with its latent BN fixed to the VAE's statistics (the step never updates
+    them), the frozen VAE (fp32, eval) built as the latent-cache writer builds it (a demo's random init included),
+    the EMA (a copy of the SiT after its BN statistics are set)."""
+    sit = SiT(cfg.model_configs().sit)
+    vae, bias_C, scale_C = build_frozen_vae(cfg, device)  # ValueError (one line) when the statistics are missing
+    sit.init_bn(latents_scale=scale_C, latents_bias=bias_C)
+    # PARITY: the original's train_ldm_only.py never re-enables pos_embed (no requires_grad toggle): the LDM configs
+    # set sit.freeze_pos_embed=true to match it.
+    sit.pos_embed.requires_grad_(not cfg.sit.freeze_pos_embed)
+    sit = sit.to(device)
+    ema = EMA(sit)
+    engine = build_engine(sit, cfg.optim_sit, cfg, world, device, use_deepspeed=use_deepspeed)
+    engine.module.train()  # the latent BN still normalises with its running statistics (use_batch_stats=False)
+    sit.bn.float()  # DeepSpeed's bf16/fp16 modes cast the BN buffers too: fp32 again, and the exact statistics
+    sit.init_bn(latents_scale=scale_C, latents_bias=bias_C)
+    return LdmModels(sit=engine, vae=vae, encoders=encoders, ema=ema, latents_stats=(bias_C, scale_C))
+
+
+def build(cfg: TrainConfig, world: int, device: torch.device, *, use_deepspeed: bool) -> StepModels | LdmModels:
     """The step's models on `device`: SiT, VAE and discriminator in engines (DeepSpeed or PlainEngine), the frozen
     LPIPS and encoders, the EMA (a copy of the SiT after its BN statistics are set, as the original's step 0),
-    the LeCam EMAs while that term is on (the original registers its buffers only then)."""
+    the LeCam EMAs while that term is on (the original registers its buffers only then). stage=ldm: _build_ldm."""
     # The original turns TF32 on for matmuls and cuDNN (its fp32 parts: LPIPS, VAE/GAN losses, discriminator).
     torch.backends.cuda.matmul.allow_tf32 = cfg.schedule.tf32
     torch.backends.cudnn.allow_tf32 = cfg.schedule.tf32
     torch.manual_seed(cfg.schedule.seed)  # identical initial weights on every rank
     encoders = [e.to(device) for e in build_encoders(cfg)]
+    if cfg.stage == "ldm":
+        return _build_ldm(cfg, encoders, world, device, use_deepspeed=use_deepspeed)
     sit, vae = _build_sit_and_vae(cfg, cfg.model_configs(), world)
     disc = build_discriminator(cfg.vae.discriminator_weights)
     if cfg.loss.sync_discriminator_bn and world > 1:

@@ -7,9 +7,10 @@ runs code from a file.
             trainer.pt           rank 0: step, EMA, step generator, data position, NaN counters, history,
                                  config (a dict), world_size, finite (every weight, buffer and EMA value finite)
             rng_rank<r>.pt       torch (and CUDA) RNG states of rank r
-            sit/ vae/ disc/      DeepSpeed engine folders: mp_rank_00_model_states.pt (weights, and the
-                                 optimizer at ZeRO stage 0), [bf16_]zero_pp_rank_<r>_mp_rank_00_optim_states.pt
-                                 (ZeRO 1/2: rank r's partition of the optimizer states)
+            sit/ vae/ disc/      DeepSpeed engine folders of the stage's models (stage=ldm: sit/ only):
+                                 mp_rank_00_model_states.pt (weights, and the optimizer at ZeRO stage 0),
+                                 [bf16_]zero_pp_rank_<r>_mp_rank_00_optim_states.pt (ZeRO 1/2: rank r's
+                                 partition of the optimizer states)
             sit.pt vae.pt ...    the same without DeepSpeed (PlainEngine): {"module", "optimizer"}
         .tmp-step0000400/        a checkpoint being written, renamed to step0000400 once every rank is done
 
@@ -20,8 +21,9 @@ What this file guarantees:
 - Resuming: `latest` must hold a plain step name; a path (absolute, `..`, separators) or a symlink is refused.
   The checkpoint is validated (every expected file present and loadable) before anything is loaded; a damaged
   one falls back to the newest complete older one, with a line naming the file and the reason; none usable is
-  one line and the run stops. A checkpoint whose state is not finite is resumed (it is what `latest` names) with
-  a warning naming the newest finite one (write its name into `latest` to resume from it instead).
+  one line and the run stops; one of another stage (other engines) is refused, one line, no fallback. A
+  checkpoint whose state is not finite is resumed (it is what `latest` names) with a warning naming the newest
+  finite one (write its name into `latest` to resume from it instead).
 - Config on resume: train/resume.py (another model or engine layout refused, optimizer settings applied).
 - Writing: into .tmp-stepN through file objects (fsync'd), then rename and `latest`. A write error on any rank
   (all ranks agree on it, so none waits forever) removes the temp folder and keeps the previous checkpoint and
@@ -44,6 +46,7 @@ import torch
 from .checkpoint_io import (
     CheckpointError,
     DiskFullError,
+    StageMismatch,
     check_plain,
     failure_text,
     fsync_dir,
@@ -52,6 +55,7 @@ from .checkpoint_io import (
     remove_tree,
     save_file,
 )
+from .config_sections import STAGE_ENGINES
 from .distributed import barrier, first_failure
 from .engine import ENGINE_KINDS, PlainEngine
 
@@ -100,7 +104,6 @@ def step_folders(root: str) -> list[str]:
     return sorted((n for n in os.listdir(root) if STEP_RE.fullmatch(n)), key=_step_of)
 
 
-
 def write_latest(root: str, name: str) -> None:
     """Point `latest` at name atomically; a file or symlink planted at latest.tmp is removed, not written through."""
     tmp = os.path.join(root, LATEST + ".tmp")
@@ -138,7 +141,12 @@ def engine_kinds(engines: dict) -> dict[str, str]:
     return {k: e.kind for k, e in engines.items()}
 
 
-def kinds_on_disk(path: str, names=("sit", "vae", "disc")) -> dict[str, str]:
+def written_engines(path: str) -> tuple[str, ...]:
+    """The engines a checkpoint folder holds: those of its config's stage (written before stages: repae)."""
+    return STAGE_ENGINES[load_file(os.path.join(path, TRAINER_FILE), mmap=True)["config"].get("stage", "repae")]
+
+
+def kinds_on_disk(path: str, names=STAGE_ENGINES["repae"]) -> dict[str, str]:
     """The engine kinds a checkpoint folder was written with (export: no engines to ask)."""
     return {k: "plain" if PlainEngine.wrote(path, k) else "deepspeed" for k in names}
 
@@ -156,6 +164,9 @@ def validate(path: str, kinds: dict[str, str]) -> CheckpointInfo:
     name = os.path.basename(path)
     if STEP_RE.fullmatch(name) and state["step"] != _step_of(name):
         raise CheckpointError(f"{trainer_file}: holds step {state['step']}, not the folder's {_step_of(name)}")
+    if set(STAGE_ENGINES[stage := state["config"].get("stage", "repae")]) != set(kinds):
+        raise StageMismatch(f"{path} holds a stage={stage} run ({', '.join(STAGE_ENGINES[stage])}), this run trains "
+                            f"{', '.join(kinds)}: resume it with stage={stage}, or start a new logging.run_dir")
     world = state["world_size"]
     if not isinstance(world, int) or world < 1:
         raise CheckpointError(f"{trainer_file}: world_size {world!r} is not a positive integer")
@@ -224,6 +235,8 @@ def select(root: str, kinds: dict[str, str]) -> CheckpointInfo | None:
     for n in candidates:
         try:
             info = validate(os.path.join(root, n), kinds)
+        except StageMismatch:
+            raise
         except CheckpointError as err:
             problems.append(str(err))
             continue

@@ -35,6 +35,9 @@ class DiskFullError(CheckpointError):
     """No space left (or quota exceeded) while writing a checkpoint; the partial folder is already removed."""
 
 
+class StageMismatch(CheckpointError):
+    """A checkpoint of another stage (other engines) than the run's: refused, never a reason to fall back."""
+
 
 def one_line(err: BaseException, limit: int = 200) -> str:
     text = " ".join(str(err).split()) or type(err).__name__

@@ -23,11 +23,12 @@ from dataclasses import dataclass, field
 
 from repae.model.sit import BACKENDS as KERNEL_BACKENDS  # repae.kernels.BACKENDS (train/ reaches kernels via model/)
 from repae.model.sit import SiT_models, SiTConfig, sit_config
-from repae.model.vae import VAEConfig, vae_config
+from repae.model.vae import VAEConfig, latents_stats_path, vae_config
 
 from .config_rules import ConfigKeyError, check_deepspeed, choice, did_you_mean, type_ok
 from .config_sections import (
     ENCODER_PATCH_GRID,
+    STAGE_ENGINES,
     DataSection,
     EncoderSection,
     EvalSection,
@@ -52,6 +53,10 @@ class ModelConfigs:
 class TrainConfig:
     """A whole run."""
 
+    stage: str = "repae"
+    """repae: the SiT, VAE and discriminator trained end to end (docs/METHOD.md#the-training-step); ldm: the
+    LDM-only stage, the SiT alone on the latents of a frozen VAE (docs/METHOD.md#the-ldm-only-stage): no
+    discriminator, LPIPS or VAE optimizer, the latent BN fixed to the VAE's statistics (vae.latents_stats)."""
     sit: SiTSection = field(default_factory=SiTSection)
     vae: VAESection = field(default_factory=VAESection)
     encoder: EncoderSection = field(default_factory=EncoderSection)
@@ -69,6 +74,10 @@ class TrainConfig:
     """DeepSpeed engine settings shared by the three engines (ZeRO stage, bf16/fp16 modes, comms)."""
 
     def __post_init__(self):
+        choice("stage", self.stage, STAGE_ENGINES)
+        if self.stage != "ldm" and self.data.latent_cache is not None:
+            raise ConfigKeyError("data.latent_cache", f" is read by the LDM-only stage only (stage=ldm, here "
+                                                      f"stage={self.stage})")
         choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
         check_deepspeed(self.deepspeed)
         fp16_engine = self.deepspeed.get("fp16", {}).get("enabled", False)
@@ -215,5 +224,10 @@ def check_paths(cfg: TrainConfig) -> None:
         if p is not None and not os.path.exists(p):
             raise FileNotFoundError(f"config key {key}: {p} does not exist")
     if cfg.vae.weights is None and not cfg.vae.allow_random:
-        raise ValueError("config key vae.weights is not set: REPA-E starts from a pretrained VAE (set it, or set "
-                         "vae.allow_random=true for a demo)")
+        why = "the LDM-only stage runs a frozen VAE" if cfg.stage == "ldm" else "REPA-E starts from a pretrained VAE"
+        raise ValueError(f"config key vae.weights is not set: {why} (set it, or set vae.allow_random=true for a demo)")
+    stats = cfg.vae.latents_stats or (latents_stats_path(cfg.vae.weights) if cfg.vae.weights else None)
+    if cfg.stage == "ldm" and stats is not None and not os.path.exists(stats):
+        raise FileNotFoundError(f"config key vae.latents_stats: {stats} does not exist; stage=ldm fixes the latent BN "
+                                f"to the VAE's statistics (set vae.latents_stats; python -m repae.train.export writes "
+                                f"e2e-vae-latents-stats.pt beside e2e-vae.pt)")

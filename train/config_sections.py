@@ -29,6 +29,9 @@ PRECISIONS = ("bf16", "fp16", "fp32")
 WEIGHTINGS = ("uniform", "lognormal")
 DATA_SOURCES = ("auto", "dali", "folder", "h5", "demo", "synthetic")
 SAMPLERS = ("ode", "sde")
+STAGE_ENGINES = {"repae": ("sit", "vae", "disc"), "ldm": ("sit",)}
+"""stage -> the models it trains, each in its own engine with its optimizer section optim_<name>: REPA-E trains
+the SiT, the VAE and the discriminator end to end; the LDM-only stage the SiT alone, on a frozen VAE's latents."""
 ENCODER_PATCH_GRID = 16
 """Image pixels per DINOv2 token side (224 px in, 14-px patches, per 256 px): the SiT grid must match it."""
 

@@ -9,7 +9,7 @@ that undo the latent normalisation, from any of the three checkpoint kinds. Out:
 
 Which VAE and which statistics (docs/METHOD.md#sampling, as the original's generate.py):
 - VAE weights: `vae` if given, else the checkpoint's own VAE, else the run's `vae_ckpt` argument (LDM-only runs,
-  whose checkpoints hold no VAE).
+  whose checkpoints hold no VAE; ours: the config's vae.weights, and vae.latents_stats when set).
 - Statistics: `latents_stats` if given; else the EMA latent BN (running_mean, running_var) when the VAE came from
   the checkpoint (the BN was trained with that VAE); else `<vae>-latents-stats.pt` next to the VAE file.
 Every file is read weights-only (train/checkpoint.py for our folders, model/release.py for the official layout).
@@ -85,13 +85,18 @@ def _official_file(run_dir: str, step: int | None) -> str:
 
 
 def _load_ours(path: str) -> tuple[ReleasedModels, bool]:
-    """One of our checkpoint folders: the EMA SiT (trainer.pt's `ema`) and the VAE engine's weights."""
-    kinds = ckpt.kinds_on_disk(path)
+    """One of our checkpoint folders: the EMA SiT (trainer.pt's `ema`) and the VAE engine's weights. An LDM-only
+    run (stage=ldm) holds no VAE: its config's vae.weights is the run's vae_ckpt, vae.latents_stats its statistics."""
+    kinds = ckpt.kinds_on_disk(path, ckpt.written_engines(path))
     ckpt.validate(path, kinds)  # every file present and weights-only loadable before anything is built
     state = ckpt.load_file(os.path.join(path, ckpt.TRAINER_FILE))
     models = build_from_args(official_args(state["config"]))
     models.steps = state["step"]
     load_state_dict_checked(models.sit, state["ema"], source=f"{path}/{ckpt.TRAINER_FILE}[ema]")
+    if "vae" not in kinds:
+        vae = state["config"]["vae"]
+        models.args.update(vae_ckpt=vae["weights"], vae_latents_stats=vae["latents_stats"])
+        return models, False
     load_state_dict_checked(models.vae, ckpt.engine_weights(path, "vae", kinds["vae"]), source=f"{path}[vae]")
     return models, True
 
@@ -124,6 +129,7 @@ def load_models(path: str | os.PathLike, *, step: int | None = None, vae: str | 
         vae = models.args.get("vae_ckpt")
         if not vae:
             raise ValueError(f"{path} holds no VAE and its run arguments name no vae_ckpt: pass --vae")
+        latents_stats = latents_stats or models.args.get("vae_latents_stats")  # our LDM-only runs: their config's
     if vae is not None:
         load_weights(models.vae, vae, what="VAE weights")
     sit = models.sit.eval()

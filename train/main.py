@@ -36,7 +36,8 @@ def _free_port() -> int:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="REPA-E end-to-end training (SiT + VAE + discriminator on DeepSpeed)")
+    p = argparse.ArgumentParser(description="REPA-E training on DeepSpeed: end to end (SiT + VAE + discriminator), or "
+                                            "the LDM-only stage on a frozen VAE (config stage=ldm)")
     p.add_argument("--config", required=True, help="run JSON (configs/*.json)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override, e.g. --set loss.proj_coeff=0.5 (repeatable)")

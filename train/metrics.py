@@ -149,9 +149,10 @@ class Metrics:
         from .visual import save_loss_plot
 
         self._record(step, values)
-        if self.bar is not None:
-            self.bar.set_postfix({"img/s": f"{values['perf/img_per_s']:.1f}", "sit": f"{values['sit/loss']:.4f}",
-                                  "vae": f"{values['vae/loss']:.4f}", "d": f"{values['disc/discriminator_loss']:.3f}"})
+        if self.bar is not None:  # the losses the run has (stage=ldm: the SiT's alone)
+            shown = (("sit", "sit/loss", ".4f"), ("vae", "vae/loss", ".4f"), ("d", "disc/discriminator_loss", ".3f"))
+            self.bar.set_postfix({"img/s": f"{values['perf/img_per_s']:.1f}",
+                                  **{name: f"{values[k]:{fmt}}" for name, k, fmt in shown if k in values}})
         save_loss_plot({k: v for k, v in self.history.items() if k.endswith("loss")},
                        os.path.join(self.run_dir, PLOT_FILE))
 

@@ -1,4 +1,5 @@
-"""One REPA-E training step (docs/METHOD.md#the-training-step), written to read like the algorithm.
+"""One REPA-E training step (docs/METHOD.md#the-training-step), written to read like the algorithm, and the
+LDM-only step (docs/METHOD.md#the-ldm-only-stage), which shares its phases 0, 4 and 5.
 
     0  targets   DINOv2 patch tokens of the images (no grad)
     1  VAE       posterior, z, x_hat = VAE(x)
@@ -7,6 +8,8 @@
     3  D         hinge loss on x and sg(x_hat), D update
     4  SiT       velocity MSE + 0.5 * REPA on sg(z) (same t and eps, BN batch stats, label dropout), SiT update
     5  EMA       of the SiT parameters and BN buffers
+    LDM-only:    0, then z = mean + std * eps from the frozen VAE's posterior (or a latent cache), then 4 and 5
+                 with the latent BN on its fixed running statistics (the VAE's)
 
 The models arrive as engines (train/engine.py): anything with `.module`, `__call__`, `backward(loss)` and
 `step()`. Frozen passes call the module through `torch.func.functional_call` with detached parameters, so no
@@ -42,6 +45,8 @@ from repae.model.losses import (
     vae_generator_loss,
 )
 
+from .latent_cache import posterior_moments  # the online moments are the cache writer's function: bitwise the same
+
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
@@ -58,6 +63,28 @@ class StepModels:
     ema: object
     lecam: LeCamEMA | None = None
 
+    @property
+    def vae_module(self) -> nn.Module:
+        """The VAE itself (previews and the online FID decode with it)."""
+        return self.vae.module
+
+
+@dataclass
+class LdmModels:
+    """What an LDM-only step touches: the SiT engine, the frozen VAE (eval, fp32: the posterior when no latent
+    cache gives it, and the previews), the encoders, the EMA. `latents_stats` (bias [C], scale [C]) are the
+    statistics the latent BN is fixed to (a latent cache is checked against them)."""
+
+    sit: object
+    vae: nn.Module
+    encoders: Sequence[nn.Module]
+    ema: object
+    latents_stats: tuple[torch.Tensor, torch.Tensor]
+
+    @property
+    def vae_module(self) -> nn.Module:
+        return self.vae
+
 
 @dataclass(frozen=True)
 class StepInputs:
@@ -70,6 +97,8 @@ class StepInputs:
     drop_mask: torch.Tensor  # bool [B]: labels replaced by the null class in the SiT pass
     posterior_noise: torch.Tensor  # [B, C, h, w] eps of z = mean + std * eps
     targets: tuple[torch.Tensor, ...] | None = None  # fp32 [B, N, E] per encoder (a feature cache); None: run them
+    moments: tuple[torch.Tensor, torch.Tensor] | None = None  # LDM-only: fp32 (mean, std) [B, C, h, w] of the
+    # posterior (a latent cache); None: the frozen VAE encodes the images
 
 
 @dataclass(frozen=True)
@@ -200,11 +229,20 @@ def train_step(models: StepModels, inputs: StepInputs, settings: StepSettings, *
     _update(models.disc, d_loss, logs, "disc", disc_buffers)
     mark("disc")
 
-    # 4. SiT on sg(z): same t and eps, BN on (global) batch statistics, label dropout by the given mask.
-    sit_buffers = _Buffers(models.sit.module)  # the forward updates the latent-BN running statistics
+    # 4 and 5. SiT on sg(z): same t and eps, BN on (global) batch statistics, label dropout by the given mask; EMA.
+    _sit_update(models, z, zs, inputs, settings, amp, logs, mark, use_batch_stats=True)
+    return logs
+
+
+def _sit_update(models, z: torch.Tensor, zs: list[torch.Tensor], inputs: StepInputs, settings: StepSettings, amp,
+                logs: dict[str, torch.Tensor], mark: Callable[[str], None], *, use_batch_stats: bool) -> None:
+    """Phases 4 and 5: the SiT update on sg(z) with the step's t, eps and label-drop mask, then the EMA.
+    use_batch_stats: the latent BN normalises with the batch statistics and updates its running ones (REPA-E),
+    or with its running ones, unchanged (the LDM-only stage)."""
+    sit_buffers = _Buffers(models.sit.module)  # a batch-statistics forward updates the latent-BN running statistics
     with amp:
         out = models.sit(z.detach(), inputs.labels, inputs.t, inputs.noise, drop_mask_B=inputs.drop_mask,
-                         use_batch_stats=True)
+                         use_batch_stats=use_batch_stats)
     dn_loss = denoising_loss(out.v_pred, out.v_target)
     proj_loss = projection_loss(out.zs_tilde, zs, backend=settings.kernel_backend)
     sit_loss = dn_loss + settings.proj_coeff * proj_loss
@@ -218,4 +256,24 @@ def train_step(models: StepModels, inputs: StepInputs, settings: StepSettings, *
     if sit_updated:
         models.ema.update(models.sit.module, decay=settings.ema_decay)
     mark("ema")
+
+
+def ldm_step(models: LdmModels, inputs: StepInputs, settings: StepSettings, *, step: int,
+             mark: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]:
+    """One LDM-only iteration (the original's train_ldm_only.py): the SiT update of train_step (phases 4 and 5) on
+    z = mean + std * eps of the frozen VAE's posterior, the latent BN on its fixed running statistics. Returns
+    what train_step returns for the SiT; `step` is unused (train_step's signature)."""
+    mark = mark or (lambda name: None)
+    amp = autocast(inputs.images.device, settings.precision)
+    logs: dict[str, torch.Tensor] = {}
+    zs = list(inputs.targets) if inputs.targets is not None else _encode(models.encoders, inputs.images, amp)
+    mark("dinov2")
+    mean, std = inputs.moments if inputs.moments is not None else posterior_moments(models.vae, inputs.images)
+    z = mean + std * inputs.posterior_noise  # fp32, as the original's sample_posterior
+    mark("latents")
+    _sit_update(models, z, zs, inputs, settings, amp, logs, mark, use_batch_stats=False)
     return logs
+
+
+STEPS = {"repae": train_step, "ldm": ldm_step}
+"""config stage -> its step function (the same signature and logs for the SiT)."""

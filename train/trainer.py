@@ -1,4 +1,5 @@
-"""The REPA-E trainer: the loop that ties the step to its data, draws, checkpoints and reports.
+"""The REPA-E trainer: the loop that ties the step to its data, draws, checkpoints and reports; the same loop
+runs the LDM-only stage (config stage=ldm: the SiT alone on a frozen VAE's latents, train/step.py ldm_step).
 
     trainer = Trainer(cfg)        # after deepspeed.init_distributed (main.py does it)
     trainer.fit()                 # resumes from run_dir/checkpoints/latest when it exists
@@ -19,16 +20,18 @@ import os
 import torch
 
 from . import checkpoint as ckpt
-from .build import ENGINES, build, flops_per_image
+from .build import build, flops_per_image
 from .config import TrainConfig, check_paths
+from .config_sections import STAGE_ENGINES
 from .distributed import all_max, log0, on_rank0, rank, world_size
 from .draws import StepRandom
 from .feature_cache import FeatureCache
+from .latent_cache import LatentCache
 from .metrics import Metrics, engine_values
 from .online_eval import OnlineFID
 from .preemption import StopRequest, describe
 from .resume import apply_optimizer_settings, check_resume
-from .step import StepInputs, StepSettings, train_step
+from .step import STEPS, StepInputs, StepSettings
 
 
 class RunStopped(RuntimeError):
@@ -54,8 +57,9 @@ class Trainer:
             for name in ckpt.remove_stale_temps(self.ckpt_root):
                 log0(f"removed {os.path.join(self.ckpt_root, name)}, left by an interrupted checkpoint write")
         self.step = 0
-        self.nan_counts = {k: 0 for k in ENGINES}
-        self.nan_total = {k: 0 for k in ENGINES}
+        self.engine_names = STAGE_ENGINES[cfg.stage]
+        self.nan_counts = {k: 0 for k in self.engine_names}
+        self.nan_total = {k: 0 for k in self.engine_names}
         self.history: dict[str, list] = {}
         self._stop = StopRequest(self.rank)  # SIGTERM/SIGINT and the launcher watch, installed by fit()
         self.stopped_by: str | None = None
@@ -64,12 +68,17 @@ class Trainer:
         self._flops_per_image = flops_per_image(cfg) if torch.cuda.is_available() else None
 
         self.models = build(cfg, self.world, self.device, use_deepspeed=use_deepspeed)
-        self.engines = {name: getattr(self.models, name) for name in ENGINES}
+        self.engines = {name: getattr(self.models, name) for name in self.engine_names}
         self.feature_cache = None
         """encoder.feature_cache, checked against the encoders (here) and the dataset (at first data use)."""
         if cfg.encoder.feature_cache is not None:
             self.feature_cache = FeatureCache.for_run(cfg, self.models.encoders)
             self.models.encoders = []  # the step reads the cached targets: the encoders are never run
+        self.latent_cache = None
+        """data.latent_cache (stage=ldm): checked against the VAE and its statistics (here) and the dataset (at first
+        data use); without it the step encodes each batch with the frozen VAE."""
+        if cfg.data.latent_cache is not None:
+            self.latent_cache = LatentCache.for_run(cfg, self.models.vae, *self.models.latents_stats)
         self.ema = self.models.ema
         self.settings = StepSettings(vae_loss=cfg.loss.vae, proj_coeff=cfg.loss.proj_coeff,
                                      vae_align_proj_coeff=cfg.loss.vae_align_proj_coeff,
@@ -95,8 +104,9 @@ class Trainer:
         source, line = build_source(self.cfg, rank=self.rank, world=self.world, device=self.device,
                                     run_dir=self.run_dir)
         log0(line)
-        if self.feature_cache is not None:
-            self.feature_cache.check_source(source)
+        for cache in (self.feature_cache, self.latent_cache):
+            if cache is not None:
+                cache.check_source(source)
         return source
 
     # -----------------------------------------------------------------------------------------------
@@ -110,13 +120,16 @@ class Trainer:
         draws = self.random.draw(self.rank, self.world, self.device)
         targets = (None if self.feature_cache is None
                    else self.feature_cache.targets(self.data.last_indices, self.device))
-        return StepInputs(images=images.to(self.device), labels=labels.to(self.device), targets=targets, **draws)
+        moments = (None if self.latent_cache is None
+                   else self.latent_cache.moments(self.data.last_indices, self.device))
+        return StepInputs(images=images.to(self.device), labels=labels.to(self.device), targets=targets,
+                          moments=moments, **draws)
 
     def run_step(self, inputs: StepInputs | None = None, mark=None) -> dict[str, torch.Tensor]:
         inputs = inputs if inputs is not None else self.next_inputs()
-        logs = train_step(self.models, inputs, self.settings, step=self.step, mark=mark)
+        logs = STEPS[self.cfg.stage](self.models, inputs, self.settings, step=self.step, mark=mark)
         self.step += 1
-        for name in ENGINES:
+        for name in self.engine_names:
             if float(logs[f"{name}/skipped"]):
                 self.nan_counts[name] += 1
                 self.nan_total[name] += 1
@@ -211,7 +224,7 @@ class Trainer:
         y = self.sample_labels.to(self.device)
         latents = euler_sampler(ema.inference, x, y, num_steps=self.cfg.logging.sample_steps,
                                 cfg_scale=self.cfg.logging.cfg_scale, null_class=self.cfg.sit.num_classes)
-        images = self.models.vae.module.decode(ema.bn.denormalize(latents.float()))
+        images = self.models.vae_module.decode(ema.bn.denormalize(latents.float()))
         path = os.path.join(self.run_dir, "samples", f"step{self.step:07d}.png")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         save_image_grid(images.float().cpu(), path)
@@ -235,7 +248,7 @@ class Trainer:
         values = engine_values(self.engines)
         values["bn/running_mean_avg"] = float(bn.running_mean.mean())
         values["bn/running_var_avg"] = float(bn.running_var.mean())
-        values.update({f"{k}/nonfinite_total": self.nan_total[k] for k in ENGINES})
+        values.update({f"{k}/nonfinite_total": self.nan_total[k] for k in self.engine_names})
         if self._data is not None:  # each file is logged once by its rank
             values["data/bad_images"] = self._data.num_bad_images
         return values
@@ -250,7 +263,7 @@ class Trainer:
         if self.step % cfg.logging.ckpt_every == 0 or last:
             self.save_checkpoint()
         if self.online_fid is not None and self.step % cfg.eval.fid_every == 0:  # after the checkpoint: minutes
-            self.online_fid.run(self.step, self.ema.module, self.models.vae.module, metrics)
+            self.online_fid.run(self.step, self.ema.module, self.models.vae_module, metrics)
         if (reason := self._should_stop()) is None:
             return False
         if not last:  # at max_steps the run is complete (and saved above)

@@ -29,8 +29,9 @@ def ds_world():
     return dist
 
 
-def tiny_config(run_dir, *extra: str):
-    """configs/tiny_cpu.json shrunk for tests: batch 4, fp32, no workers, run_dir under tmp."""
-    return load_config(CONFIGS / "tiny_cpu.json", [f"logging.run_dir={run_dir}", "schedule.global_batch_size=4",
-                                                   "schedule.precision=fp32", "data.num_workers=0",
-                                                   "logging.tensorboard=false", *extra])
+def tiny_config(run_dir, *extra: str, config: str = "tiny_cpu.json"):
+    """configs/tiny_cpu.json (or another configs/ file, e.g. tiny_ldm_cpu.json) shrunk for tests: batch 4, fp32, no
+    workers, run_dir under tmp."""
+    return load_config(CONFIGS / config, [f"logging.run_dir={run_dir}", "schedule.global_batch_size=4",
+                                          "schedule.precision=fp32", "data.num_workers=0", "logging.tensorboard=false",
+                                          *extra])

@@ -13,7 +13,8 @@ from repae.train.config import TrainConfig, check_paths, config_from_dict, load_
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
-@pytest.mark.parametrize("name", ["sitxl_repae.json", "sitxl1_repae_f16d32.json", "tiny_cpu.json"])
+@pytest.mark.parametrize("name", ["sitxl_repae.json", "sitxl1_repae_f16d32.json", "tiny_cpu.json",
+                                  "sitxl1_ldm_e2e_vavae.json", "tiny_ldm_cpu.json"])
 def test_shipped_configs_load(name):
     cfg = load_config(CONFIGS / name)
     assert isinstance(cfg, TrainConfig)

@@ -80,24 +80,28 @@ def reference_step(m, inputs, step, *, proj_coeff=0.5, align_coeff=1.5, train_po
     sit_loss.backward()
     sit_grad_norm = torch.nn.utils.clip_grad_norm_(m["sit"].parameters(), 1.0)
     m["opt_sit"].step()
-    # update_ema: params then buffers (float buffers EMA'd, ints copied)
-    with torch.no_grad():
-        ema_p, src_p = dict(m["ema"].named_parameters()), dict(m["sit"].named_parameters())
-        for k in ema_p:
-            ema_p[k].mul_(0.9999).add_(src_p[k].data, alpha=1 - 0.9999)
-        ema_b, src_b = dict(m["ema"].named_buffers()), dict(m["sit"].named_buffers())
-        for k in ema_b:
-            if ema_b[k].dtype.is_floating_point:
-                ema_b[k].mul_(0.9999).add_(src_b[k], alpha=1 - 0.9999)
-            else:
-                ema_b[k].copy_(src_b[k])
+    reference_ema_update(m["ema"], m["sit"])
     return {"vae/loss": vae_loss.detach(), "disc/discriminator_loss": d_loss.detach(),
             "sit/loss": sit_loss.detach(), "sit/denoising_loss": out["denoising_loss"].mean().detach(),
             "sit/proj_loss": out["proj_loss"].mean().detach(), "sit/grad_norm": sit_grad_norm}
 
 
-def build_reference(trainer):
-    """The reference's models, copied from the trainer's initial state."""
+@torch.no_grad()
+def reference_ema_update(ema, model, decay=0.9999):
+    """The original's update_ema: params then buffers (float buffers EMA'd, ints copied), one tensor at a time."""
+    ema_p, src_p = dict(ema.named_parameters()), dict(model.named_parameters())
+    for k in ema_p:
+        ema_p[k].mul_(decay).add_(src_p[k].data, alpha=1 - decay)
+    ema_b, src_b = dict(ema.named_buffers()), dict(model.named_buffers())
+    for k in ema_b:
+        if ema_b[k].dtype.is_floating_point:
+            ema_b[k].mul_(decay).add_(src_b[k], alpha=1 - decay)
+        else:
+            ema_b[k].copy_(src_b[k])
+
+
+def original_copies(trainer):
+    """The transcribed original SiT (nn.BatchNorm2d) with the trainer's SiT weights and buffers, and its EMA."""
     sit = trainer.models.sit.module
     c = sit.config
     orig = OriginalSiT(path_type=c.path_type, input_size=c.input_size, patch_size=c.patch_size,
@@ -108,6 +112,12 @@ def build_reference(trainer):
     orig.load_state_dict(sit.state_dict(), strict=True)
     ema = copy.deepcopy(orig)
     ema.load_state_dict(trainer.ema.state_dict())
+    return orig, ema
+
+
+def build_reference(trainer):
+    """The reference's models, copied from the trainer's initial state."""
+    orig, ema = original_copies(trainer)
     vae = copy.deepcopy(trainer.models.vae.module)
     disc = copy.deepcopy(trainer.models.disc.module)
     # The original hands model.parameters() to each AdamW, frozen ones included (they never get a gradient).
