@@ -17,6 +17,7 @@ found or decoded: train/data.py (class folders) and train/h5_data.py (the origin
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
@@ -178,6 +179,11 @@ class IndexedSource:
                                     seed=self.seed, epoch=self.epoch, batch=self.batch_in_epoch)
         # worker_init_fn: the loader workers outlive a SIGTERM/SIGINT sent to the process group or tree, so the
         # trainer can finish its step and checkpoint (train/preemption.py).
+        if self.num_workers > 0:
+            # Collected here, not in a forked worker: garbage owning native threads (a DALI pipeline from earlier
+            # in the process) would be destroyed in the child, whose copy of those threads does not exist, and its
+            # destructor would wait on them for ever (seen: a worker stuck in DALI's Executor2 destructor).
+            gc.collect()
         loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
                             collate_fn=collate_samples, pin_memory=torch.cuda.is_available(),
                             persistent_workers=False, worker_init_fn=shield_loader_worker,

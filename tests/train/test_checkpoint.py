@@ -21,6 +21,8 @@ import pytest
 import torch
 from conftest import tiny_config
 
+from repae.train.main import _free_port
+
 pytest.importorskip("deepspeed")
 
 COMMON = ("schedule.max_steps=2", "logging.ckpt_every=1", "logging.log_every=1", "logging.sample_every=0",
@@ -412,7 +414,7 @@ def run_two_ranks(tmp_path: Path, run: Path, *overrides: str) -> subprocess.Comp
     script = tmp_path / "resume.py"
     script.write_text(SCRIPT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(29700 + os.getpid() % 1000), str(script), str(run), str(Path(__file__).resolve().parent), *overrides]
+           str(_free_port()), str(script), str(run), str(Path(__file__).resolve().parent), *overrides]
     return subprocess.run(cmd, env={**clean_env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=600)
 

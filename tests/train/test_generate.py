@@ -20,6 +20,7 @@ from repae.model.vae import save_latents_stats
 from repae.model.weights import save_weights
 from repae.train import generate
 from repae.train.export import official_args
+from repae.train.main import _free_port
 
 N, BATCH = 24, 5  # 5 chunks, the last one of 4
 SDE = ["--num-samples", str(N), "--batch-size", str(BATCH), "--mode", "sde", "--num-steps", "3", "--cfg-scale",
@@ -62,7 +63,7 @@ def two_ranks(*argv) -> subprocess.CompletedProcess:
     from test_main import clean_env
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(29700 + os.getpid() % 1000), "-m", "repae.train.generate", *map(str, argv)]
+           str(_free_port()), "-m", "repae.train.generate", *map(str, argv)]
     env = {**clean_env(), "OMP_NUM_THREADS": "1", "REPAE_KERNELS": "eager"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

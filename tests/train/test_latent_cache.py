@@ -38,6 +38,7 @@ from repae.train.latent_cache import (
     posterior_moments,
     write_cache,
 )
+from repae.train.main import _free_port
 
 N, CHUNK, R = 12, 5, 32
 LDM = {"stage": "ldm"} if "stage" in {f.name for f in dataclasses.fields(TrainConfig)} else {}
@@ -202,7 +203,7 @@ def test_two_ranks_finish_a_one_rank_write_into_the_same_bytes(cached, tmp_path,
     _partial(cached, path, monkeypatch)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
     # On CPU the conv results depend on the thread count: the ranks use this process's, as the reference did.
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29600 + os.getpid() % 1000), WORLD_SIZE="2",
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2",
                OMP_NUM_THREADS=str(torch.get_num_threads()))
     argv = [sys.executable, "-m", "repae.train.latent_cache", "--config", str(CONFIGS / "tiny_cpu.json"), "--out",
             path, "--batch-size", str(CHUNK)] + [a for s in overrides(cached) for a in ("--set", s)]

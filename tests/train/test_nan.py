@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from conftest import tiny_config
 from test_main import clean_env
 from test_step import make_inputs
 
+from repae.train.main import _free_port
 from repae.train.step import StepInputs
 
 
@@ -109,7 +109,7 @@ def _two_ranks(tmp_path: Path, bad_steps: list[int]) -> dict[int, dict]:
     script.write_text(SCRIPT)
     env = {**clean_env(), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(29700 + os.getpid() % 1000), str(script), str(tmp_path / "run"), str(Path(__file__).resolve().parent),
+           str(_free_port()), str(script), str(tmp_path / "run"), str(Path(__file__).resolve().parent),
            json.dumps(bad_steps), str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)  # a hang fails, bounded
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

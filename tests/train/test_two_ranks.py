@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +23,8 @@ if importlib.util.find_spec("lpips") is None:  # its shipped weights file only (
     pytest.skip("lpips is not installed", allow_module_level=True)
 from test_main import clean_env
 from test_step import LR
+
+from repae.train.main import _free_port
 
 SCRIPT = r'''
 import os, sys, torch
@@ -50,7 +51,7 @@ def run(tmp_path: Path, nproc: int, *overrides: str) -> dict:
     script.write_text(SCRIPT)
     env = {**clean_env(), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(29500 + nproc + os.getpid() % 1000), str(script), str(tmp_path / f"run{nproc}"), str(out),
+           str(_free_port()), str(script), str(tmp_path / f"run{nproc}"), str(out),
            str(Path(__file__).resolve().parent), *overrides]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
