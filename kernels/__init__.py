@@ -2,6 +2,7 @@
 
     from repae.kernels import adaln, repa_loss, latent_bn, latent_bn_interp, latent_bn_denorm
     from repae.kernels import AdaLN, REPALoss, LatentBatchNorm          # nn.Module wrappers
+    from repae.kernels.integrations import patch, unpatch               # fuse the adaLN of a foreign DiT in place
 
 The functional API and the backend switch are in kernels/functional.py (backends, validation), the modules in
 kernels/modules.py, the eager references and input factories in kernels/<op>_ref.py. This file only gathers

@@ -1,0 +1,360 @@
+"""Patch foreign DiT-family models in place so their adaLN blocks run through repae.kernels.adaln.
+
+    from repae.kernels.integrations import patch, unpatch
+    report = patch(model)          # recognised blocks now compute the same function with the fused kernel
+    print(report)                  # blocks patched by kind, blocks left alone and why
+    unpatch(model)                 # the original forwards, bit for bit
+
+What is fused, per recognised block (the rest of each forward is the original code, called as before):
+- "dit_block" (facebookresearch/DiT and its descendants: fast-DiT, SiT, REPA, REPA-E, LightningDiT; attributes
+  norm1, attn, norm2, mlp, adaLN_modulation giving 6 chunks, DiT's forward):
+      h = adaln(x, shift_msa, scale_msa)                                   (norm1 + modulate)
+      x, h = adaln(x, shift_mlp, scale_mlp, y=attn(h), gate=gate_msa)      (attn residual + norm2 + modulate)
+      return x + gate_mlp * mlp(h)                                         (eager, as DiT writes it)
+- "dit_final_layer" (norm_final, linear, adaLN_modulation giving 2 chunks): linear(adaln(x, shift, scale)).
+- "diffusers_ada_norm_zero" (diffusers BasicTransformerBlock, norm_type "ada_norm_zero", DiTTransformer2DModel)
+  and "diffusers_ada_norm_single" (norm_type "ada_norm_single", PixArtTransformer2DModel): norm1 + modulate,
+  then the residual before the feed-forward norm (attn1's gated one, or, with cross-attention, attn2's ungated
+  one as gate = 1, an exact product) + that norm + modulate. The modulation vectors, the norm eps of each norm
+  module and diffusers' `1 + scale` convention are read from the block; attention and feed-forward are its own.
+
+Recognised and left alone (the report says why):
+- a norm with an affine weight or bias (LayerNorm(elementwise_affine=True)): the kernel has no weight input, and
+  computing without it would be another function; RMSNorm norms (LightningDiT's use_rmsnorm): they need an
+  RMSNorm variant of the kernel.
+- diffusers BasicTransformerBlock with another norm_type (no adaptive modulation), or with a feed-forward norm
+  that has an affine weight; diffusers' FP32LayerNorm in AdaLayerNormZero (it rounds the normalised x to the
+  input dtype before modulating, a different rounding).
+- the final norm + modulate of DiTTransformer2DModel and PixArtTransformer2DModel: written inline in the model's
+  forward, not in a submodule, so patching it would mean copying the whole forward. Left eager.
+- SD3 JointTransformerBlock and Flux FluxTransformerBlock: they fit the kernel (AdaLayerNormZero over
+  LayerNorm(elementwise_affine=False, eps=1e-6), then `x + gate_msa * attn` followed by norm2 + modulate, on both
+  the image and the context stream; SD3 with use_dual_attention adds a second gated branch before norm2, so there
+  only norm1 fits, and a context_pre_only block's AdaLayerNormContinuous has (scale, shift) order) but are not
+  patched yet. FluxSingleTransformerBlock: only norm + modulate fits (its residual is added after a concat and
+  proj_out, with no norm behind it in the block). Also not patched yet.
+
+Recognition is structural (attribute names, module types, chunk counts): a module with DiT's attribute names
+and a different forward would be given DiT's forward. Blocks called with arguments DiT's forward does not take,
+or diffusers blocks in a configuration the fused path does not cover (chunked feed-forward, GLIGEN, 4-D hidden
+states), run their original forward.
+
+Under bf16 autocast the normalised h is produced in the autocast dtype (as model/sit.py does): every consumer here
+starts with a Linear, which would cast it to that dtype anyway. A patched model stays torch.compile-able: the new
+forwards are plain Python over modules and the kernels' registered ops.
+This module imports no diffusers: diffusers blocks are recognised by class name and module.
+"""
+
+# B batch, T tokens, D hidden width
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from collections import Counter
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .functional import adaln
+
+_ATTR = "_repae_patch"
+
+
+@dataclasses.dataclass
+class PatchReport:
+    """What patch() did: patched blocks counted by kind, and recognised blocks left alone with the reason."""
+
+    model: str
+    patched: dict[str, int] = dataclasses.field(default_factory=dict)
+    left_alone: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+    @property
+    def num_patched(self) -> int:
+        return sum(self.patched.values())
+
+    def __str__(self) -> str:
+        lines = [f"repae.kernels.integrations.patch({self.model}): {self.num_patched} blocks patched"]
+        lines += [f"  {kind}: {n}" for kind, n in sorted(self.patched.items())]
+        if self.left_alone:
+            lines.append(f"  left alone ({len(self.left_alone)}):")
+            lines += [f"    {path or '<model>'}: {reason}" for path, reason in self.left_alone]
+        return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class _Patch:
+    """State kept on a patched module: its kind, the kernel settings, and the instance forward it had (if any)."""
+
+    kind: str
+    backend: str | None
+    eps: tuple[float, ...]
+    saved_forward: Callable | None
+    had_instance_forward: bool
+
+    def original(self, module: nn.Module) -> Callable:
+        return self.saved_forward if self.had_instance_forward else type(module).forward.__get__(module)
+
+
+def _out_dtype(x: torch.Tensor) -> torch.dtype:
+    """dtype of the normalised h: the autocast dtype under autocast (the next Linear casts to it anyway)."""
+    kind = x.device.type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return x.dtype
+
+
+# ---------------------------------------------------------------------------------------------------
+# Norm and structure checks: (eps, None) when the module fits the kernel, else (None, reason)
+# ---------------------------------------------------------------------------------------------------
+
+def _is_rms_norm(norm: nn.Module) -> bool:
+    return isinstance(norm, getattr(nn, "RMSNorm", ())) or "rmsnorm" in type(norm).__name__.lower()
+
+
+def _layer_norm_eps(norm: nn.Module, D: int, name: str) -> tuple[float | None, str | None]:
+    """eps of a LayerNorm without affine over the last dim D, or the reason it does not fit the kernel."""
+    if _is_rms_norm(norm):
+        return None, f"{name} is an RMSNorm ({type(norm).__name__}): needs the RMSNorm kernel"
+    if type(norm) is not nn.LayerNorm:  # subclasses (e.g. FP32LayerNorm) may round differently
+        return None, f"{name} is {type(norm).__name__}, not torch.nn.LayerNorm"
+    if tuple(norm.normalized_shape) != (D,):
+        return None, f"{name} normalizes over {tuple(norm.normalized_shape)}, not the last dim ({D},)"
+    if norm.weight is not None or norm.bias is not None:
+        return None, f"{name} has an affine weight/bias (elementwise_affine=True): the kernel has no weight input"
+    return float(norm.eps), None
+
+
+def _last_linear(seq: nn.Module) -> nn.Linear | None:
+    if isinstance(seq, nn.Linear):
+        return seq
+    if isinstance(seq, nn.Sequential) and len(seq) and isinstance(seq[-1], nn.Linear):
+        return seq[-1]
+    return None
+
+
+def _check_modulation(module: nn.Module, D: int, chunks: int) -> str | None:
+    lin = _last_linear(module.adaLN_modulation)
+    if lin is None:
+        return "adaLN_modulation does not end in an nn.Linear"
+    if lin.out_features != chunks * D:
+        return (f"adaLN_modulation gives {lin.out_features} = {lin.out_features / D:g} x D outputs, "
+                f"DiT's gives {chunks} x D")
+    return None
+
+
+def _dit_block_plan(block: nn.Module) -> tuple[tuple[float, ...] | None, str | None]:
+    norm1 = block.norm1
+    if not hasattr(norm1, "normalized_shape") and not hasattr(norm1, "weight"):
+        return None, f"norm1 is {type(norm1).__name__}, not a LayerNorm or RMSNorm"
+    D = _width(norm1)
+    if D is None:
+        return None, f"cannot read the width of norm1 ({type(norm1).__name__})"
+    eps1, why = _layer_norm_eps(norm1, D, "norm1")
+    eps2, why2 = _layer_norm_eps(block.norm2, D, "norm2")
+    why = why or why2 or _check_modulation(block, D, 6)
+    return (None, why) if why else ((eps1, eps2), None)
+
+
+def _dit_final_plan(layer: nn.Module) -> tuple[tuple[float, ...] | None, str | None]:
+    D = _width(layer.norm_final)
+    if D is None:
+        return None, f"cannot read the width of norm_final ({type(layer.norm_final).__name__})"
+    eps, why = _layer_norm_eps(layer.norm_final, D, "norm_final")
+    why = why or _check_modulation(layer, D, 2)
+    return (None, why) if why else ((eps,), None)
+
+
+def _width(norm: nn.Module) -> int | None:
+    shape = getattr(norm, "normalized_shape", None)
+    if shape is not None:
+        return int(tuple(shape)[-1]) if isinstance(shape, (tuple, list, torch.Size)) else int(shape)
+    weight = getattr(norm, "weight", None)
+    return int(weight.shape[-1]) if isinstance(weight, torch.Tensor) else None
+
+
+def _diffusers_plan(block: nn.Module) -> tuple[tuple[float, ...] | None, str | None]:
+    norm_type = getattr(block, "norm_type", None)
+    if norm_type not in ("ada_norm_zero", "ada_norm_single"):
+        return None, f"norm_type {norm_type!r}: no adaptive modulation (only ada_norm_zero and ada_norm_single fit)"
+    D = block.dim
+    if norm_type == "ada_norm_zero":
+        if block.norm1.emb is None:
+            return None, "AdaLayerNormZero without its embedding (emb=None) is not called by BasicTransformerBlock"
+        eps1, why = _layer_norm_eps(block.norm1.norm, D, "norm1.norm")
+        ff_norm, ff_name = block.norm3, "norm3"
+    else:
+        eps1, why = _layer_norm_eps(block.norm1, D, "norm1")
+        ff_norm, ff_name = block.norm2, "norm2"
+    eps2, why2 = _layer_norm_eps(ff_norm, D, ff_name)
+    why = why or why2
+    return (None, why) if why else ((eps1, eps2), None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The patched forwards (bound to each module; `self` is the block)
+# ---------------------------------------------------------------------------------------------------
+
+def _dit_block_forward(self, x_BTD: torch.Tensor, c_BD: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    spec: _Patch = getattr(self, _ATTR)
+    if args or kwargs:  # a forward with more inputs than DiT's (e.g. rope tables): not ours to guess
+        return spec.original(self)(x_BTD, c_BD, *args, **kwargs)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c_BD).chunk(6, dim=1)
+    out_dtype = _out_dtype(x_BTD)
+    _, h_BTD = adaln(x_BTD, shift_msa, scale_msa, eps=spec.eps[0], out_dtype=out_dtype, backend=spec.backend)
+    x_BTD, h_BTD = adaln(x_BTD, shift_mlp, scale_mlp, y=self.attn(h_BTD), gate=gate_msa, eps=spec.eps[1],
+                         out_dtype=out_dtype, backend=spec.backend)
+    return x_BTD + gate_mlp.unsqueeze(1) * self.mlp(h_BTD)
+
+
+def _dit_final_forward(self, x_BTD: torch.Tensor, c_BD: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    spec: _Patch = getattr(self, _ATTR)
+    if args or kwargs:
+        return spec.original(self)(x_BTD, c_BD, *args, **kwargs)
+    shift, scale = self.adaLN_modulation(c_BD).chunk(2, dim=1)
+    _, h_BTD = adaln(x_BTD, shift, scale, eps=spec.eps[0], out_dtype=_out_dtype(x_BTD), backend=spec.backend)
+    return self.linear(h_BTD)
+
+
+def _diffusers_modulation(self, hidden_states, timestep, class_labels) -> tuple[torch.Tensor, ...]:
+    """(shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp), each [B, D], as the block computes them."""
+    if self.norm_type == "ada_norm_zero":
+        emb = self.norm1.emb(timestep, class_labels, hidden_dtype=hidden_states.dtype)
+        return self.norm1.linear(self.norm1.silu(emb)).chunk(6, dim=1)
+    B = hidden_states.shape[0]
+    mods = (self.scale_shift_table[None] + timestep.reshape(B, 6, -1)).chunk(6, dim=1)  # each [B, 1, D]
+    return tuple(m.squeeze(1) for m in mods)
+
+
+def _diffusers_block_forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
+                             encoder_attention_mask=None, timestep=None, cross_attention_kwargs=None,
+                             class_labels=None, added_cond_kwargs=None):
+    spec: _Patch = getattr(self, _ATTR)
+    cak = dict(cross_attention_kwargs) if cross_attention_kwargs is not None else {}
+    if self._chunk_size is not None or hidden_states.ndim != 3 or "gligen" in cak or cak.get("scale") is not None:
+        return spec.original(self)(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
+                                   timestep, cross_attention_kwargs, class_labels, added_cond_kwargs)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _diffusers_modulation(
+        self, hidden_states, timestep, class_labels)
+    kw = dict(out_dtype=_out_dtype(hidden_states), backend=spec.backend)
+    _, h = adaln(hidden_states, shift_msa, scale_msa, eps=spec.eps[0], **kw)  # norm1 + modulate
+    if self.pos_embed is not None:
+        h = self.pos_embed(h)
+    attn_output = self.attn1(h, encoder_hidden_states=encoder_hidden_states if self.only_cross_attention else None,
+                             attention_mask=attention_mask, **cak)
+    if self.attn2 is None:  # attn1's gated residual + the feed-forward norm + modulate
+        x, h = adaln(hidden_states, shift_mlp, scale_mlp, y=attn_output, gate=gate_msa, eps=spec.eps[1], **kw)
+    else:  # attn1's residual eager; attn2's ungated residual (gate 1: an exact product) + norm + modulate
+        x = gate_msa.unsqueeze(1) * attn_output + hidden_states
+        if self.norm_type == "ada_norm_zero":
+            norm_hidden_states = self.norm2(x)
+            if self.pos_embed is not None:
+                norm_hidden_states = self.pos_embed(norm_hidden_states)
+        else:  # PixArt applies no norm before cross-attention
+            norm_hidden_states = x
+        attn_output = self.attn2(norm_hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                 attention_mask=encoder_attention_mask, **cak)
+        ones = torch.ones(gate_msa.shape, dtype=attn_output.dtype, device=attn_output.device)
+        x, h = adaln(x, shift_mlp, scale_mlp, y=attn_output, gate=ones, eps=spec.eps[1], **kw)
+    return gate_mlp.unsqueeze(1) * self.ff(h) + x
+
+
+# ---------------------------------------------------------------------------------------------------
+# Recognition, patch, unpatch
+# ---------------------------------------------------------------------------------------------------
+
+_DIT_BLOCK_ATTRS = ("norm1", "attn", "norm2", "mlp", "adaLN_modulation")
+_DIT_FINAL_ATTRS = ("norm_final", "linear", "adaLN_modulation")
+_FORWARDS = {"dit_block": _dit_block_forward, "dit_final_layer": _dit_final_forward,
+             "diffusers_ada_norm_zero": _diffusers_block_forward,
+             "diffusers_ada_norm_single": _diffusers_block_forward}
+_NOT_YET = {
+    "JointTransformerBlock": "SD3 joint block: fits the kernel (AdaLayerNormZero without affine; gated attn "
+                             "residual then norm2 + modulate on both streams), not patched yet",
+    "FluxTransformerBlock": "Flux double block: fits the kernel (as SD3's joint block), not patched yet",
+    "FluxSingleTransformerBlock": "Flux single block: only norm + modulate fits (the residual follows a concat "
+                                  "and proj_out with no norm behind it), not patched yet",
+}
+_INLINE_FINAL = {"DiTTransformer2DModel", "PixArtTransformer2DModel"}
+
+
+def _from_diffusers(module: nn.Module) -> bool:
+    return type(module).__module__.split(".")[0] == "diffusers"
+
+
+def _classify(module: nn.Module) -> tuple[str | None, tuple[float, ...] | None, str | None]:
+    """(kind, eps per fused norm, None) for a block to patch, (kind, None, reason) for one left alone, or
+    (None, None, None) for a module not recognised."""
+    name = type(module).__name__
+    if _from_diffusers(module):
+        if name == "BasicTransformerBlock":
+            kind = f"diffusers_{module.norm_type}"
+            return (kind, *_diffusers_plan(module))
+        if name in _NOT_YET:
+            return name, None, _NOT_YET[name]
+        if name in _INLINE_FINAL:
+            return name, None, ("the final norm_out + modulate is written inline in the model's forward (no "
+                                "submodule to patch); left eager")
+        return None, None, None
+    if all(hasattr(module, a) for a in _DIT_BLOCK_ATTRS):
+        return ("dit_block", *_dit_block_plan(module))
+    if all(hasattr(module, a) for a in _DIT_FINAL_ATTRS):
+        return ("dit_final_layer", *_dit_final_plan(module))
+    return None, None, None
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether any submodule of model carries a patch from this module."""
+    return any(hasattr(m, _ATTR) for m in model.modules())
+
+
+def patch(model: nn.Module, *, backend: str | None = None) -> PatchReport:
+    """Replace, in place, the forward of every recognised block of model with the fused one (module docstring).
+
+    backend: the kernels backend of the patched forwards (None: the process default). Returns a PatchReport.
+    Raises ValueError if model is already patched, or if nothing in it is recognised.
+    """
+    if is_patched(model):
+        raise ValueError(f"{type(model).__name__} is already patched by repae.kernels.integrations; "
+                         "call unpatch(model) first")
+    report = PatchReport(model=type(model).__name__)
+    counts: Counter[str] = Counter()
+    recognised = 0
+    for path, module in model.named_modules():
+        kind, eps, reason = _classify(module)
+        if kind is None:
+            continue
+        recognised += 1
+        if eps is None:
+            report.left_alone.append((path, reason))
+            continue
+        had_instance = "forward" in vars(module)
+        setattr(module, _ATTR, _Patch(kind=kind, backend=backend, eps=eps, had_instance_forward=had_instance,
+                                      saved_forward=vars(module)["forward"] if had_instance else None))
+        module.forward = types.MethodType(_FORWARDS[kind], module)
+        counts[kind] += 1
+    if not recognised:
+        raise ValueError(
+            f"repae.kernels.integrations.patch: nothing recognised in {type(model).__name__}. Looked for DiT-style "
+            f"blocks (attributes {', '.join(_DIT_BLOCK_ATTRS)}), DiT final layers ({', '.join(_DIT_FINAL_ATTRS)}) "
+            "and diffusers BasicTransformerBlock (norm_type ada_norm_zero / ada_norm_single)"
+        )
+    report.patched = dict(counts)
+    return report
+
+
+def unpatch(model: nn.Module) -> int:
+    """Restore the original forward of every block patch() changed; returns how many were restored."""
+    restored = 0
+    for module in model.modules():
+        spec = vars(module).get(_ATTR)
+        if spec is None:
+            continue
+        if spec.had_instance_forward:
+            module.forward = spec.saved_forward
+        else:
+            del module.forward
+        delattr(module, _ATTR)
+        restored += 1
+    return restored

@@ -1,0 +1,238 @@
+"""repae.kernels.integrations: patched foreign models compute what the unpatched ones do.
+
+Models: a DiT written here from facebookresearch/DiT's published structure (DiTBlock, FinalLayer, timm's Attention
+and Mlp; tokens in, conditioning c as a plain tensor), and tiny diffusers DiTTransformer2DModel and
+PixArtTransformer2DModel (random weights). For each, in fp32 and under bf16 autocast, train and eval mode: the
+patched model (triton backend) against the unpatched one (eager) and the unpatched one in float64 (oracle), outputs
+and the gradients of every parameter and input, by the 3-way rule of tests/parity.py; unpatch restores the original
+outputs bitwise.
+"""
+
+# B batch, T tokens, D hidden, A heads
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from parity import DEVICE, assert_close_3way
+from torch import nn
+
+from repae.kernels.integrations import PatchReport, is_patched, patch, unpatch
+
+B, T, D, A = 2, 8, 48, 2
+ATOL = {"fp32": 1e-4, "bf16_autocast": 5e-2}
+
+
+# --- a DiT as facebookresearch/DiT writes it (models.py), without PatchEmbed and the embedders ---------------
+
+def modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class Attention(nn.Module):
+    """timm's Attention (qkv_bias=True, fused SDPA)."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        Bx, N, C = x.shape
+        qkv = self.qkv(x).reshape(Bx, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(Bx, N, C))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, affine=False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=affine, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+
+    def forward(self, x, c):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden_size, out_channels):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class TinyDiT(nn.Module):
+    def __init__(self, depth=2, affine_first=False):
+        super().__init__()
+        self.blocks = nn.ModuleList([DiTBlock(D, A, affine=affine_first and i == 0) for i in range(depth)])
+        self.final_layer = FinalLayer(D, 8)
+
+    def forward(self, x, c):
+        for block in self.blocks:
+            x = block(x, c)
+        return self.final_layer(x, c)
+
+
+# --- models and their inputs ----------------------------------------------------------------------------------
+
+def _dit():
+    torch.manual_seed(0)
+    model = TinyDiT()
+    g = torch.Generator().manual_seed(1)
+    return model, {"x": torch.randn(B, T, D, generator=g), "c": torch.randn(B, D, generator=g)}
+
+
+def _diffusers_dit():
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    model = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                            num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10)
+    g = torch.Generator().manual_seed(1)
+    return model, {"hidden_states": torch.randn(B, 4, 8, 8, generator=g), "timestep": torch.tensor([3, 700]),
+                   "class_labels": torch.tensor([1, 7]), "return_dict": False}
+
+
+def _pixart():
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    model = diffusers.PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                               out_channels=8, num_layers=2, cross_attention_dim=16,
+                                               sample_size=8, patch_size=2, caption_channels=12,
+                                               use_additional_conditions=False)
+    with torch.no_grad():  # PixArt zero-initialises nothing we rely on; make the modulation non-trivial anyway
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn(p.shape))
+    g = torch.Generator().manual_seed(1)
+    return model, {"hidden_states": torch.randn(B, 4, 8, 8, generator=g), "timestep": torch.tensor([3, 700]),
+                   "encoder_hidden_states": torch.randn(B, 5, 12, generator=g), "return_dict": False}
+
+
+MODELS = {"dit": _dit, "diffusers_dit": _diffusers_dit, "pixart": _pixart}
+KINDS = {"dit": {"dit_block": 2, "dit_final_layer": 1}, "diffusers_dit": {"diffusers_ada_norm_zero": 2},
+         "pixart": {"diffusers_ada_norm_single": 2}}
+
+
+def _run(model, inputs, *, autocast=False, upcast=False, dout=None):
+    """Output and the gradients of every parameter and float input: {name: tensor}, plus dout."""
+    model.zero_grad(set_to_none=True)
+    leaves = {}
+    for k, v in inputs.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            v = (v.double() if upcast else v).clone().to(DEVICE).requires_grad_(True)
+        elif isinstance(v, torch.Tensor):
+            v = v.to(DEVICE)
+        leaves[k] = v
+    with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
+        out = model(**leaves)
+    out = out[0] if isinstance(out, tuple) else out
+    if dout is None:
+        dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    out.backward(dout.to(out.dtype))
+    res = {"out": out.detach()}
+    res.update({"d" + k: v.grad for k, v in leaves.items() if isinstance(v, torch.Tensor) and v.requires_grad})
+    res.update({"d" + n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    return res, dout
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("precision", list(ATOL))
+@pytest.mark.parametrize("name", list(MODELS))
+def test_patched_model_matches_unpatched(name, precision, mode):
+    model, inputs = MODELS[name]()
+    model.to(DEVICE).train(mode == "train")
+    oracle_model = copy.deepcopy(model).double()
+    autocast = precision == "bf16_autocast"
+    eager, dout = _run(model, inputs, autocast=autocast)
+    oracle, _ = _run(oracle_model, inputs, upcast=True, dout=dout)
+    report = patch(model, backend="triton")
+    assert report.patched == KINDS[name], str(report)
+    got, _ = _run(model, inputs, autocast=autocast, dout=dout)
+    assert got.keys() == eager.keys() == oracle.keys()
+    for key in got:
+        assert_close_3way(got[key], eager[key], oracle[key], atol=ATOL[precision], name=key)
+    assert unpatch(model) == sum(KINDS[name].values()) and not is_patched(model)
+    again, _ = _run(model, inputs, autocast=autocast, dout=dout)
+    for key in again:
+        assert torch.equal(again[key], eager[key]), key
+
+
+def test_report_names_what_was_left_alone():
+    model = TinyDiT(affine_first=True)
+    report = patch(model, backend="eager")
+    assert isinstance(report, PatchReport)
+    assert report.patched == {"dit_block": 1, "dit_final_layer": 1}
+    assert report.left_alone == [("blocks.0", "norm1 has an affine weight/bias (elementwise_affine=True): the kernel "
+                                               "has no weight input")]
+    text = str(report)
+    assert "2 blocks patched" in text and "blocks.0: norm1 has an affine weight" in text
+    assert not hasattr(model.blocks[0], "_repae_patch") and "forward" not in vars(model.blocks[0])
+
+
+def test_rmsnorm_block_is_left_alone():
+    model = TinyDiT()
+    model.blocks[1].norm2 = nn.RMSNorm(D, eps=1e-6, elementwise_affine=False)
+    report = patch(model, backend="eager")
+    assert report.left_alone == [("blocks.1", "norm2 is an RMSNorm (RMSNorm): needs the RMSNorm kernel")]
+
+
+def test_diffusers_final_layer_is_reported():
+    model, _ = _diffusers_dit()
+    report = patch(model, backend="eager")
+    assert report.left_alone and report.left_alone[0][0] == "" and "inline" in report.left_alone[0][1]
+
+
+def test_nothing_recognised_and_double_patch_raise():
+    with pytest.raises(ValueError, match="nothing recognised in Sequential. Looked for DiT-style blocks"):
+        patch(nn.Sequential(nn.Linear(4, 4)))
+    model = TinyDiT()
+    patch(model, backend="eager")
+    with pytest.raises(ValueError, match="already patched"):
+        patch(model)
+    unpatch(model)
+    assert patch(model).num_patched == 3
+
+
+def test_extra_forward_arguments_fall_back_to_the_original():
+    """A block called with inputs DiT's forward does not take runs its own forward (here: its class's)."""
+    model, inputs = _dit()
+    block = model.blocks[0]
+    patch(model, backend="eager")
+    with pytest.raises(TypeError, match="positional argument"):
+        block(inputs["x"], inputs["c"], "rope")
+
+
+def test_patched_dit_compiles_fullgraph():
+    torch._dynamo.reset()
+    model, inputs = _dit()
+    model.to(DEVICE)
+    x, c = inputs["x"].to(DEVICE), inputs["c"].to(DEVICE)
+    patch(model, backend="triton")
+    with torch.no_grad():
+        want = model(x, c)
+        got = torch.compile(model, fullgraph=True, backend="aot_eager")(x, c)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
