@@ -50,11 +50,13 @@ This module imports no diffusers: diffusers blocks are recognised by class name 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import types
 from collections import Counter
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .functional import adaln
@@ -89,7 +91,7 @@ class _Patch:
 
     kind: str
     backend: str | None
-    eps: tuple[float, ...]
+    norms: tuple[_Norm, ...]
     saved_forward: Callable | None
     had_instance_forward: bool
 
@@ -106,24 +108,98 @@ def _out_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Norm and structure checks: (eps, None) when the module fits the kernel, else (None, reason)
+# Norm and structure checks: (plan, None) when the module fits the kernel, else (None, reason)
 # ---------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Norm:
+    """One fused norm: its module's attribute path in the block, "layer" or "rms", eps, whether it has a weight."""
+
+    path: str
+    kind: str
+    eps: float
+    has_weight: bool
+
+
+def _kernel_takes_norm_and_weight() -> bool:
+    """Whether this version of repae.kernels.adaln has the RMSNorm variant and the elementwise weight."""
+    params = inspect.signature(adaln).parameters
+    return "norm" in params and "weight" in params
+
+
+def _get(module: nn.Module, path: str) -> nn.Module:
+    for name in path.split("."):
+        module = getattr(module, name)
+    return module
+
 
 def _is_rms_norm(norm: nn.Module) -> bool:
     return isinstance(norm, getattr(nn, "RMSNorm", ())) or "rmsnorm" in type(norm).__name__.lower()
 
 
-def _layer_norm_eps(norm: nn.Module, D: int, name: str) -> tuple[float | None, str | None]:
-    """eps of a LayerNorm without affine over the last dim D, or the reason it does not fit the kernel."""
-    if _is_rms_norm(norm):
-        return None, f"{name} is an RMSNorm ({type(norm).__name__}): needs the RMSNorm kernel"
-    if type(norm) is not nn.LayerNorm:  # subclasses (e.g. FP32LayerNorm) may round differently
-        return None, f"{name} is {type(norm).__name__}, not torch.nn.LayerNorm"
-    if tuple(norm.normalized_shape) != (D,):
-        return None, f"{name} normalizes over {tuple(norm.normalized_shape)}, not the last dim ({D},)"
-    if norm.weight is not None or norm.bias is not None:
-        return None, f"{name} has an affine weight/bias (elementwise_affine=True): the kernel has no weight input"
-    return float(norm.eps), None
+def _width(norm: nn.Module) -> int | None:
+    shape = getattr(norm, "normalized_shape", None)
+    if shape is not None:
+        return int(tuple(shape)[-1]) if isinstance(shape, (tuple, list, torch.Size)) else int(shape)
+    weight = getattr(norm, "weight", None)
+    return int(weight.shape[-1]) if isinstance(weight, torch.Tensor) else None
+
+
+def _norm_plan(block: nn.Module, path: str, D: int) -> tuple[_Norm | None, str | None]:
+    """How the kernel computes the norm module at `path` of block, or why it cannot compute the same function."""
+    norm, full = _get(block, path), _kernel_takes_norm_and_weight()
+    cls = type(norm).__name__
+    shape = getattr(norm, "normalized_shape", None)
+    if _width(norm) != D or (shape is not None and tuple(shape) != (D,)):
+        return None, f"{path} ({cls}) does not normalize over the last dim ({D},)"
+    if type(norm) is nn.LayerNorm:  # exact type: subclasses (e.g. FP32LayerNorm) may round differently
+        kind, eps = "layer", norm.eps
+    elif _is_rms_norm(norm):
+        if not full:
+            return None, f"{path} is an RMSNorm ({cls}): needs the RMSNorm kernel"
+        kind, eps = "rms", getattr(norm, "eps", None)
+        if not isinstance(eps, float):
+            return None, f"{path} ({cls}) has eps={eps!r}, not a float (None: the input dtype's epsilon)"
+    else:
+        return None, f"{path} is {cls}, not torch.nn.LayerNorm or an RMSNorm"
+    weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
+    if isinstance(bias, torch.Tensor):
+        return None, f"{path} has an affine bias (elementwise_affine=True): the kernel has no bias input"
+    if weight is not None and not full:
+        return None, f"{path} has an affine weight: this version of the kernel has no weight input"
+    plan = _Norm(path, kind, float(eps), isinstance(weight, torch.Tensor))
+    if kind == "rms" and type(norm) is not getattr(nn, "RMSNorm", None):
+        return (None, why) if (why := _probe_rms(norm, plan, D)) else (plan, None)
+    return plan, None
+
+
+def _probe_rms(norm: nn.Module, plan: _Norm, D: int) -> str | None:
+    """A hand-written RMSNorm must compute rms_norm(x) * weight (Gemma's (1 + weight), say, does not): checked on
+    a random fp32 input; the reason it does not fit, or None."""
+    weight = getattr(norm, "weight", None) if plan.has_weight else None
+    device = weight.device if weight is not None else torch.device("cpu")
+    if device.type == "meta":
+        return f"{plan.path} ({type(norm).__name__}) is on the meta device: it cannot be checked"
+    with torch.no_grad():
+        x = torch.randn(4, D, generator=torch.Generator().manual_seed(0)).to(device)
+        want = F.rms_norm(x, (D,), eps=plan.eps) * (1.0 if weight is None else weight.float())
+        try:
+            got = norm(x).float()
+        except Exception as err:  # noqa: BLE001 - any failure means: not a plain RMSNorm
+            return f"{plan.path} ({type(norm).__name__}) failed on a probe input ({type(err).__name__})"
+    if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-2, atol=1e-3):
+        return f"{plan.path} ({type(norm).__name__}) does not compute rms_norm(x) * weight (checked on a probe)"
+    return None
+
+
+def _norm_kwargs(block: nn.Module, plan: _Norm) -> dict:
+    """adaln's keyword arguments for one fused norm (norm and weight only where they differ from the defaults)."""
+    kw: dict = {"eps": plan.eps}
+    if plan.kind != "layer":
+        kw["norm"] = plan.kind
+    if plan.has_weight:
+        kw["weight"] = _get(block, plan.path).weight
+    return kw
 
 
 def _last_linear(seq: nn.Module) -> nn.Linear | None:
@@ -144,52 +220,46 @@ def _check_modulation(module: nn.Module, D: int, chunks: int) -> str | None:
     return None
 
 
-def _dit_block_plan(block: nn.Module) -> tuple[tuple[float, ...] | None, str | None]:
-    norm1 = block.norm1
-    if not hasattr(norm1, "normalized_shape") and not hasattr(norm1, "weight"):
-        return None, f"norm1 is {type(norm1).__name__}, not a LayerNorm or RMSNorm"
-    D = _width(norm1)
+Plan = tuple[tuple[_Norm, ...] | None, str | None]
+
+
+def _norms_plan(block: nn.Module, paths: tuple[str, ...], D: int) -> Plan:
+    plans = []
+    for path in paths:
+        plan, why = _norm_plan(block, path, D)
+        if why:
+            return None, why
+        plans.append(plan)
+    return tuple(plans), None
+
+
+def _dit_block_plan(block: nn.Module) -> Plan:
+    D = _width(block.norm1)
     if D is None:
-        return None, f"cannot read the width of norm1 ({type(norm1).__name__})"
-    eps1, why = _layer_norm_eps(norm1, D, "norm1")
-    eps2, why2 = _layer_norm_eps(block.norm2, D, "norm2")
-    why = why or why2 or _check_modulation(block, D, 6)
-    return (None, why) if why else ((eps1, eps2), None)
+        return None, f"cannot read the width of norm1 ({type(block.norm1).__name__})"
+    plans, why = _norms_plan(block, ("norm1", "norm2"), D)
+    why = why or _check_modulation(block, D, 6)
+    return (None, why) if why else (plans, None)
 
 
-def _dit_final_plan(layer: nn.Module) -> tuple[tuple[float, ...] | None, str | None]:
+def _dit_final_plan(layer: nn.Module) -> Plan:
     D = _width(layer.norm_final)
     if D is None:
         return None, f"cannot read the width of norm_final ({type(layer.norm_final).__name__})"
-    eps, why = _layer_norm_eps(layer.norm_final, D, "norm_final")
+    plans, why = _norms_plan(layer, ("norm_final",), D)
     why = why or _check_modulation(layer, D, 2)
-    return (None, why) if why else ((eps,), None)
+    return (None, why) if why else (plans, None)
 
 
-def _width(norm: nn.Module) -> int | None:
-    shape = getattr(norm, "normalized_shape", None)
-    if shape is not None:
-        return int(tuple(shape)[-1]) if isinstance(shape, (tuple, list, torch.Size)) else int(shape)
-    weight = getattr(norm, "weight", None)
-    return int(weight.shape[-1]) if isinstance(weight, torch.Tensor) else None
-
-
-def _diffusers_plan(block: nn.Module) -> tuple[tuple[float, ...] | None, str | None]:
+def _diffusers_plan(block: nn.Module) -> Plan:
     norm_type = getattr(block, "norm_type", None)
     if norm_type not in ("ada_norm_zero", "ada_norm_single"):
         return None, f"norm_type {norm_type!r}: no adaptive modulation (only ada_norm_zero and ada_norm_single fit)"
-    D = block.dim
     if norm_type == "ada_norm_zero":
         if block.norm1.emb is None:
             return None, "AdaLayerNormZero without its embedding (emb=None) is not called by BasicTransformerBlock"
-        eps1, why = _layer_norm_eps(block.norm1.norm, D, "norm1.norm")
-        ff_norm, ff_name = block.norm3, "norm3"
-    else:
-        eps1, why = _layer_norm_eps(block.norm1, D, "norm1")
-        ff_norm, ff_name = block.norm2, "norm2"
-    eps2, why2 = _layer_norm_eps(ff_norm, D, ff_name)
-    why = why or why2
-    return (None, why) if why else ((eps1, eps2), None)
+        return _norms_plan(block, ("norm1.norm", "norm3"), block.dim)
+    return _norms_plan(block, ("norm1", "norm2"), block.dim)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -202,9 +272,10 @@ def _dit_block_forward(self, x_BTD: torch.Tensor, c_BD: torch.Tensor, *args, **k
         return spec.original(self)(x_BTD, c_BD, *args, **kwargs)
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c_BD).chunk(6, dim=1)
     out_dtype = _out_dtype(x_BTD)
-    _, h_BTD = adaln(x_BTD, shift_msa, scale_msa, eps=spec.eps[0], out_dtype=out_dtype, backend=spec.backend)
-    x_BTD, h_BTD = adaln(x_BTD, shift_mlp, scale_mlp, y=self.attn(h_BTD), gate=gate_msa, eps=spec.eps[1],
-                         out_dtype=out_dtype, backend=spec.backend)
+    _, h_BTD = adaln(x_BTD, shift_msa, scale_msa, **_norm_kwargs(self, spec.norms[0]), out_dtype=out_dtype,
+                     backend=spec.backend)
+    x_BTD, h_BTD = adaln(x_BTD, shift_mlp, scale_mlp, y=self.attn(h_BTD), gate=gate_msa,
+                         **_norm_kwargs(self, spec.norms[1]), out_dtype=out_dtype, backend=spec.backend)
     return x_BTD + gate_mlp.unsqueeze(1) * self.mlp(h_BTD)
 
 
@@ -213,7 +284,8 @@ def _dit_final_forward(self, x_BTD: torch.Tensor, c_BD: torch.Tensor, *args, **k
     if args or kwargs:
         return spec.original(self)(x_BTD, c_BD, *args, **kwargs)
     shift, scale = self.adaLN_modulation(c_BD).chunk(2, dim=1)
-    _, h_BTD = adaln(x_BTD, shift, scale, eps=spec.eps[0], out_dtype=_out_dtype(x_BTD), backend=spec.backend)
+    _, h_BTD = adaln(x_BTD, shift, scale, **_norm_kwargs(self, spec.norms[0]), out_dtype=_out_dtype(x_BTD),
+                     backend=spec.backend)
     return self.linear(h_BTD)
 
 
@@ -238,13 +310,14 @@ def _diffusers_block_forward(self, hidden_states, attention_mask=None, encoder_h
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _diffusers_modulation(
         self, hidden_states, timestep, class_labels)
     kw = dict(out_dtype=_out_dtype(hidden_states), backend=spec.backend)
-    _, h = adaln(hidden_states, shift_msa, scale_msa, eps=spec.eps[0], **kw)  # norm1 + modulate
+    _, h = adaln(hidden_states, shift_msa, scale_msa, **_norm_kwargs(self, spec.norms[0]), **kw)  # norm1 + modulate
     if self.pos_embed is not None:
         h = self.pos_embed(h)
     attn_output = self.attn1(h, encoder_hidden_states=encoder_hidden_states if self.only_cross_attention else None,
                              attention_mask=attention_mask, **cak)
     if self.attn2 is None:  # attn1's gated residual + the feed-forward norm + modulate
-        x, h = adaln(hidden_states, shift_mlp, scale_mlp, y=attn_output, gate=gate_msa, eps=spec.eps[1], **kw)
+        x, h = adaln(hidden_states, shift_mlp, scale_mlp, y=attn_output, gate=gate_msa,
+                     **_norm_kwargs(self, spec.norms[1]), **kw)
     else:  # attn1's residual eager; attn2's ungated residual (gate 1: an exact product) + norm + modulate
         x = gate_msa.unsqueeze(1) * attn_output + hidden_states
         if self.norm_type == "ada_norm_zero":
@@ -256,7 +329,7 @@ def _diffusers_block_forward(self, hidden_states, attention_mask=None, encoder_h
         attn_output = self.attn2(norm_hidden_states, encoder_hidden_states=encoder_hidden_states,
                                  attention_mask=encoder_attention_mask, **cak)
         ones = torch.ones(gate_msa.shape, dtype=attn_output.dtype, device=attn_output.device)
-        x, h = adaln(x, shift_mlp, scale_mlp, y=attn_output, gate=ones, eps=spec.eps[1], **kw)
+        x, h = adaln(x, shift_mlp, scale_mlp, y=attn_output, gate=ones, **_norm_kwargs(self, spec.norms[1]), **kw)
     return gate_mlp.unsqueeze(1) * self.ff(h) + x
 
 
@@ -283,8 +356,8 @@ def _from_diffusers(module: nn.Module) -> bool:
     return type(module).__module__.split(".")[0] == "diffusers"
 
 
-def _classify(module: nn.Module) -> tuple[str | None, tuple[float, ...] | None, str | None]:
-    """(kind, eps per fused norm, None) for a block to patch, (kind, None, reason) for one left alone, or
+def _classify(module: nn.Module) -> tuple[str | None, tuple[_Norm, ...] | None, str | None]:
+    """(kind, plan per fused norm, None) for a block to patch, (kind, None, reason) for one left alone, or
     (None, None, None) for a module not recognised."""
     name = type(module).__name__
     if _from_diffusers(module):
@@ -322,15 +395,15 @@ def patch(model: nn.Module, *, backend: str | None = None) -> PatchReport:
     counts: Counter[str] = Counter()
     recognised = 0
     for path, module in model.named_modules():
-        kind, eps, reason = _classify(module)
+        kind, norms, reason = _classify(module)
         if kind is None:
             continue
         recognised += 1
-        if eps is None:
+        if norms is None:
             report.left_alone.append((path, reason))
             continue
         had_instance = "forward" in vars(module)
-        setattr(module, _ATTR, _Patch(kind=kind, backend=backend, eps=eps, had_instance_forward=had_instance,
+        setattr(module, _ATTR, _Patch(kind=kind, backend=backend, norms=norms, had_instance_forward=had_instance,
                                       saved_forward=vars(module)["forward"] if had_instance else None))
         module.forward = types.MethodType(_FORWARDS[kind], module)
         counts[kind] += 1

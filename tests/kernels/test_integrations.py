@@ -20,10 +20,11 @@ import torch.nn.functional as F
 from parity import DEVICE, assert_close_3way
 from torch import nn
 
-from repae.kernels.integrations import PatchReport, is_patched, patch, unpatch
+from repae.kernels.integrations import PatchReport, _kernel_takes_norm_and_weight, is_patched, patch, unpatch
 
 B, T, D, A = 2, 8, 48, 2
 ATOL = {"fp32": 1e-4, "bf16_autocast": 5e-2}
+NORM_KERNEL = _kernel_takes_norm_and_weight()  # adaln(norm="rms", weight=...) exists in this version
 
 
 # --- a DiT as facebookresearch/DiT writes it (models.py), without PatchEmbed and the embedders ---------------
@@ -98,6 +99,41 @@ class TinyDiT(nn.Module):
         return self.final_layer(x, c)
 
 
+class RMSNorm(nn.Module):
+    """The hand-written RMSNorm of LLaMA-derived DiTs (LightningDiT's): float statistics, then the weight."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        out = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return out.type_as(x) * self.weight
+
+
+class GemmaRMSNorm(RMSNorm):
+    """Scales by (1 + weight): another function, which the probe must catch."""
+
+    def forward(self, x):
+        return super().forward(x) / self.weight * (1 + self.weight)
+
+
+def _dit_norms():
+    """DiT blocks with the norms LightningDiT and others use: RMSNorm (torch's and hand-written), LayerNorm with a
+    weight and no bias; random weights."""
+    if not NORM_KERNEL:
+        pytest.skip("this version of repae.kernels.adaln has no norm= / weight= arguments")
+    model, inputs = _dit()
+    model.blocks[0].norm1 = nn.RMSNorm(D, eps=1e-6)
+    model.blocks[0].norm2 = RMSNorm(D)
+    model.blocks[1].norm1 = nn.LayerNorm(D, eps=1e-5, bias=False)
+    model.final_layer.norm_final = nn.RMSNorm(D, eps=1e-6, elementwise_affine=False)
+    with torch.no_grad():
+        for norm in (model.blocks[0].norm1, model.blocks[0].norm2, model.blocks[1].norm1):
+            norm.weight.copy_(1 + 0.2 * torch.randn(D))
+    return model, inputs
+
+
 # --- models and their inputs ----------------------------------------------------------------------------------
 
 def _dit():
@@ -132,8 +168,9 @@ def _pixart():
                    "encoder_hidden_states": torch.randn(B, 5, 12, generator=g), "return_dict": False}
 
 
-MODELS = {"dit": _dit, "diffusers_dit": _diffusers_dit, "pixart": _pixart}
-KINDS = {"dit": {"dit_block": 2, "dit_final_layer": 1}, "diffusers_dit": {"diffusers_ada_norm_zero": 2},
+MODELS = {"dit": _dit, "dit_norms": _dit_norms, "diffusers_dit": _diffusers_dit, "pixart": _pixart}
+KINDS = {"dit": {"dit_block": 2, "dit_final_layer": 1}, "dit_norms": {"dit_block": 2, "dit_final_layer": 1},
+         "diffusers_dit": {"diffusers_ada_norm_zero": 2},
          "pixart": {"diffusers_ada_norm_single": 2}}
 
 
@@ -186,18 +223,28 @@ def test_report_names_what_was_left_alone():
     report = patch(model, backend="eager")
     assert isinstance(report, PatchReport)
     assert report.patched == {"dit_block": 1, "dit_final_layer": 1}
-    assert report.left_alone == [("blocks.0", "norm1 has an affine weight/bias (elementwise_affine=True): the kernel "
-                                               "has no weight input")]
+    assert report.left_alone == [("blocks.0", "norm1 has an affine bias (elementwise_affine=True): the kernel has no "
+                                               "bias input")]
     text = str(report)
-    assert "2 blocks patched" in text and "blocks.0: norm1 has an affine weight" in text
+    assert "2 blocks patched" in text and "blocks.0: norm1 has an affine bias" in text
     assert not hasattr(model.blocks[0], "_repae_patch") and "forward" not in vars(model.blocks[0])
 
 
-def test_rmsnorm_block_is_left_alone():
-    model = TinyDiT()
-    model.blocks[1].norm2 = nn.RMSNorm(D, eps=1e-6, elementwise_affine=False)
+def test_rmsnorms_that_do_not_fit_are_left_alone():
+    model = TinyDiT(depth=3)
+    model.blocks[0].norm2 = nn.RMSNorm(D, eps=None)
+    model.blocks[1].norm2 = GemmaRMSNorm(D)
+    model.blocks[2].norm1 = nn.LayerNorm(D, bias=False)
     report = patch(model, backend="eager")
-    assert report.left_alone == [("blocks.1", "norm2 is an RMSNorm (RMSNorm): needs the RMSNorm kernel")]
+    if NORM_KERNEL:
+        assert report.left_alone == [
+            ("blocks.0", "norm2 (RMSNorm) has eps=None, not a float (None: the input dtype's epsilon)"),
+            ("blocks.1", "norm2 (GemmaRMSNorm) does not compute rms_norm(x) * weight (checked on a probe)")]
+    else:
+        assert [why for _, why in report.left_alone] == [
+            "norm2 is an RMSNorm (RMSNorm): needs the RMSNorm kernel",
+            "norm2 is an RMSNorm (GemmaRMSNorm): needs the RMSNorm kernel",
+            "norm1 has an affine weight: this version of the kernel has no weight input"]
 
 
 def test_diffusers_final_layer_is_reported():
