@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import _launch
+from .adaln_ref import NORMS
 from .latent_bn_ref import PATH_TYPES
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -68,8 +69,10 @@ def _check_cond(name: str, c_BD: torch.Tensor, B: int, D: int) -> None:
         raise ValueError(f"{name} must be contiguous along D (stride 1), got strides {list(c_BD.stride())}")
 
 
-def check_adaln_inputs(x_BTD, shift_BD, scale_BD, y_BTD, gate_BD) -> None:
+def check_adaln_inputs(x_BTD, shift_BD, scale_BD, y_BTD, gate_BD, norm="layer", weight_D=None) -> None:
     """ValueError naming the argument for every adaln input a backend cannot take."""
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     check_float("x", x_BTD)
     check_rank("x", x_BTD, 3, "[B, T, D]")
     B, T, D = x_BTD.shape
@@ -81,9 +84,12 @@ def check_adaln_inputs(x_BTD, shift_BD, scale_BD, y_BTD, gate_BD) -> None:
         check_float("y", y_BTD)
         check_shape("y", y_BTD, (B, T, D))
         _check_cond("gate", gate_BD, B, D)
+    if weight_D is not None:
+        check_float("weight", weight_D)
+        check_shape("weight", weight_D, (D,))
     if D > ADALN_MAX_D:
         raise ValueError(f"adaln: D={D} exceeds the {ADALN_MAX_D} limit of the one-row kernel")
-    check_same_device(x=x_BTD, y=y_BTD, gate=gate_BD, shift=shift_BD, scale=scale_BD)
+    check_same_device(x=x_BTD, y=y_BTD, gate=gate_BD, shift=shift_BD, scale=scale_BD, weight=weight_D)
 
 
 def check_repa_inputs(zs_tilde_BNC: torch.Tensor, zs_BNC: torch.Tensor) -> None:

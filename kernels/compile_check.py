@@ -127,15 +127,16 @@ def _cases():
 
     f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
 
-    def adaln_case(shape, res_dtype, h_dtype, residual, cond_grad, use_xnew):
+    def adaln_case(shape, res_dtype, h_dtype, residual, cond_grad, use_xnew, norm="layer", weight=False):
         B, _, D = shape
 
         def thunk():
             x = torch.zeros(shape, dtype=res_dtype, requires_grad=True)
             cond = torch.zeros(B, 6 * D, dtype=bf16, requires_grad=cond_grad).chunk(6, dim=1)
             y = torch.zeros(shape, dtype=bf16, requires_grad=True) if residual else None
+            w = torch.ones(D, dtype=bf16, requires_grad=cond_grad) if weight else None  # trained with the SiT
             x_new, h = adaln(x, cond[0], cond[1], y=y, gate=cond[2] if residual else None, out_dtype=h_dtype,
-                             backend="triton")
+                             norm=norm, weight=w, backend="triton")
             outs = [h, x_new] if use_xnew and residual else [h]
             torch.autograd.backward(outs, [torch.zeros_like(o) for o in outs])
 
@@ -179,6 +180,16 @@ def _cases():
                         name = (f"adaln {list(shape)} res={res_dtype} h={h_dtype} residual={residual} "
                                 f"cond_grad={cond_grad} dxnew={use_xnew}")
                         cases.append((name, adaln_case(shape, res_dtype, h_dtype, residual, cond_grad, use_xnew)))
+        # the RMSNorm and affine-weight specialisations, in the mixed-precision recipe's dtypes: all of them at
+        # the recipe's shape, the fullest one (most live registers) at the odd shape
+        for norm, weight in (("rms", False), ("rms", True), ("layer", True)):
+            for residual in (False, True):
+                for cond_grad in (False, True):
+                    if shape != ADALN_BTD and not (norm == "rms" and weight and residual and cond_grad):
+                        continue
+                    name = (f"adaln {list(shape)} norm={norm} weight={weight} res={f32} h={bf16} residual={residual} "
+                            f"cond_grad={cond_grad} dxnew={residual}")
+                    cases.append((name, adaln_case(shape, f32, bf16, residual, cond_grad, residual, norm, weight)))
     for shape in REPA_SHAPES:
         for a_dtype, b_dtype in ((bf16, f32), (f32, f32), (bf16, bf16)):
             for grad_b in (False, True):

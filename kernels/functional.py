@@ -68,21 +68,22 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
 
 
 def adaln(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, *, y: torch.Tensor | None = None,
-          gate: torch.Tensor | None = None, eps: float = 1e-6, out_dtype: torch.dtype | None = None,
-          backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gated residual + LayerNorm (no affine) + modulate; returns (x_new, h).
+          gate: torch.Tensor | None = None, eps: float = 1e-6, norm: str = "layer", weight: torch.Tensor | None = None,
+          out_dtype: torch.dtype | None = None, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gated residual + LayerNorm or RMSNorm (optional elementwise weight) + modulate; returns (x_new, h).
 
     x_new = x + gate[:, None] * y (x itself when y and gate are omitted, e.g. a block's first norm);
-    h = LayerNorm(x_new) * (1 + scale[:, None]) + shift[:, None], in out_dtype (default x.dtype).
+    h = Norm(x_new) * weight * (1 + scale[:, None]) + shift[:, None], in out_dtype (default x.dtype), Norm the
+    LayerNorm (norm="layer", no mean subtraction for norm="rms") without affine, weight [D] or None (= 1).
     x, y: [B, T, D]; shift, scale, gate: [B, D] (strided rows allowed, as from `chunk(6, dim=1)`).
-    Gradients: x, y, and (when they require grad) gate, shift, scale. See kernels/adaln_triton.py.
+    Gradients: x, y, and (when they require grad) gate, shift, scale, weight. See kernels/adaln_triton.py.
     """
-    check_adaln_inputs(x, shift, scale, y, gate)
+    check_adaln_inputs(x, shift, scale, y, gate, norm, weight)
     if resolve_backend(backend, x.device) == "triton":
         from .adaln_triton import adaln_triton as impl
     else:
         impl = adaln_ref
-    return impl(x, shift, scale, y=y, gate=gate, eps=eps, out_dtype=out_dtype)
+    return impl(x, shift, scale, y=y, gate=gate, eps=eps, norm=norm, weight=weight, out_dtype=out_dtype)
 
 
 def repa_loss(zs_tilde: torch.Tensor | Sequence[torch.Tensor], zs: torch.Tensor | Sequence[torch.Tensor], *,

@@ -14,23 +14,36 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .adaln_ref import NORMS
 from .functional import adaln, latent_bn, latent_bn_denorm, latent_bn_interp, repa_loss
 from .latent_bn_ref import StatsHook
 
 
 class AdaLN(nn.Module):
-    """Gated residual + LayerNorm (no affine) + modulate: forward(x, shift, scale, y=None, gate=None)."""
+    """Gated residual + LayerNorm or RMSNorm + modulate: forward(x, shift, scale, y=None, gate=None).
 
-    def __init__(self, eps: float = 1e-6, out_dtype: torch.dtype | None = None, backend: str | None = None):
+    norm: "layer" or "rms"; elementwise_affine=True owns a weight Parameter [dim] (ones), as models that keep
+    their norm's weight do (a weight only: no bias).
+    """
+
+    def __init__(self, eps: float = 1e-6, out_dtype: torch.dtype | None = None, backend: str | None = None, *,
+                 norm: str = "layer", elementwise_affine: bool = False, dim: int | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__()
-        self.eps, self.out_dtype, self.backend = eps, out_dtype, backend
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        if elementwise_affine and dim is None:
+            raise ValueError("AdaLN: elementwise_affine=True needs dim (the width D of the weight)")
+        self.eps, self.out_dtype, self.backend, self.norm = eps, out_dtype, backend, norm
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype)) if elementwise_affine else None
 
     def forward(self, x_BTD, shift_BD, scale_BD, y_BTD=None, gate_BD=None) -> tuple[torch.Tensor, torch.Tensor]:
-        return adaln(x_BTD, shift_BD, scale_BD, y=y_BTD, gate=gate_BD, eps=self.eps, out_dtype=self.out_dtype,
-                     backend=self.backend)
+        return adaln(x_BTD, shift_BD, scale_BD, y=y_BTD, gate=gate_BD, eps=self.eps, norm=self.norm,
+                     weight=self.weight, out_dtype=self.out_dtype, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"eps={self.eps}, out_dtype={self.out_dtype}, backend={self.backend}"
+        affine = "" if self.weight is None else f", elementwise_affine=True, dim={self.weight.numel()}"
+        return f"eps={self.eps}, norm={self.norm}{affine}, out_dtype={self.out_dtype}, backend={self.backend}"
 
 
 class REPALoss(nn.Module):

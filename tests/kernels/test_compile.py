@@ -116,3 +116,48 @@ def test_opcheck_latent_bn(interp, training):
     torch.library.opcheck(latent_bn_bwd_op, (None if interp else d, d if interp else None, d if interp else None,
                                              z, t, mean, rstd, training, "linear", interp))
     torch.library.opcheck(latent_bn_denorm_op, (z, stats[0], stats[1], True))
+
+
+def test_fullgraph_compile_rms_weight_matches_uncompiled():
+    """The RMSNorm + affine weight specialisations through the same ops: no graph break, bitwise equal."""
+    torch._dynamo.reset()
+    inputs = {k: v for k, v in _inputs().items() if k in ("x", "y", "cond")}
+    inputs["weight"] = 1 + 0.1 * torch.randn(D, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+
+    def fn(x, y, cond, weight):
+        shift, scale, gate = cond.chunk(3, dim=1)
+        x1, h1 = K.adaln(x, shift, scale, norm="rms", weight=weight, out_dtype=torch.bfloat16)
+        x2, h2 = K.adaln(x1, shift, scale, y=y, gate=gate, norm="rms", weight=weight)
+        _, h3 = K.adaln(x2, shift, scale, y=y, gate=gate, weight=weight)
+        return h1, x2, h2, h3
+
+    def run(f, douts=None):
+        leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+        outs = f(**leaves)
+        if douts is None:
+            g = torch.Generator().manual_seed(1)
+            douts = [torch.randn(o.shape, generator=g).to(device=DEVICE, dtype=o.dtype) for o in outs]
+        torch.autograd.backward(outs, douts)
+        return outs, {k: v.grad for k, v in leaves.items()}, douts
+
+    outs, grads, douts = run(fn)
+    outs_c, grads_c, _ = run(torch.compile(fn, fullgraph=True), douts)
+    for i, (a, b) in enumerate(zip(outs, outs_c)):
+        assert a.dtype == b.dtype and torch.equal(a, b), f"output {i}"
+    for k in grads:
+        assert torch.equal(grads[k], grads_c[k]), f"grad of {k}"
+
+
+@pytest.mark.parametrize("residual", [True, False])
+def test_opcheck_adaln_rms_weight(residual):
+    i = _inputs()
+    shift, scale, gate = i["cond"].chunk(3, dim=1)
+    y, gate = (i["y"], gate) if residual else (None, None)
+    w = torch.ones(D, device=DEVICE, dtype=torch.bfloat16)
+    args = (i["x"], shift, scale, y, gate, 1e-6, torch.bfloat16, w, True)
+    torch.library.opcheck(adaln_fwd_op, args)
+    x_new, h, mean, rstd = adaln_fwd_op(*args)
+    xn = x_new if residual else i["x"]
+    for cond_grad, weight_grad in ((True, True), (False, True), (False, False)):
+        torch.library.opcheck(adaln_bwd_op, (torch.randn_like(h), torch.randn_like(i["x"]) if residual else None,
+                                             xn, scale, y, gate, mean, rstd, cond_grad, w, True, weight_grad))
