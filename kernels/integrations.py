@@ -17,27 +17,34 @@ What is fused, per recognised block (the rest of each forward is the original co
   then the residual before the feed-forward norm (attn1's gated one, or, with cross-attention, attn2's ungated
   one as gate = 1, an exact product) + that norm + modulate. The modulation vectors, the norm eps of each norm
   module and diffusers' `1 + scale` convention are read from the block; attention and feed-forward are its own.
+- "diffusers_sd3_joint_block" (SD3 JointTransformerBlock) and "diffusers_flux_block" (Flux FluxTransformerBlock):
+  on the image and the context stream, norm1 (AdaLayerNormZero) + modulate, then the gated attention residual +
+  norm2 + modulate; Flux's rope, IP-adapter output and fp16 clip as the original.
+- "diffusers_ada_norm_zero_single" (AdaLayerNormZeroSingle, in Flux's single blocks) and
+  "diffusers_ada_norm_continuous" (AdaLayerNormContinuous: SD3/Flux norm_out, the context norm1 of SD3's last
+  block; (scale, shift) chunk order): norm + modulate, patched as modules.
+
+Norms: torch.nn.LayerNorm without affine -> the kernel's LayerNorm with the module's eps. Where this version of
+the kernel has `norm=` and `weight=`: a LayerNorm with a weight and no bias, torch.nn.RMSNorm, and hand-written
+RMSNorms (a class named *RMSNorm* with `eps` and `weight`; checked at patch time on a random input against
+rms_norm(x) * weight, so that e.g. Gemma's (1 + weight) is refused) -> norm="rms" / weight=.
 
 Recognised and left alone (the report says why):
-- a norm with an affine weight or bias (LayerNorm(elementwise_affine=True)): the kernel has no weight input, and
-  computing without it would be another function; RMSNorm norms (LightningDiT's use_rmsnorm): they need an
-  RMSNorm variant of the kernel.
-- diffusers BasicTransformerBlock with another norm_type (no adaptive modulation), or with a feed-forward norm
-  that has an affine weight; diffusers' FP32LayerNorm in AdaLayerNormZero (it rounds the normalised x to the
-  input dtype before modulating, a different rounding).
+- a norm with an affine bias (LayerNorm(elementwise_affine=True)): the kernel has no bias input, and computing
+  without it would be another function; an RMSNorm or a weighted norm where the kernel lacks them; an RMSNorm
+  with eps=None (the input dtype's epsilon); LayerNorm subclasses such as diffusers' FP32LayerNorm (it rounds the
+  normalised x to the input dtype before modulating, a different rounding).
+- diffusers BasicTransformerBlock with another norm_type (no adaptive modulation).
 - the final norm + modulate of DiTTransformer2DModel and PixArtTransformer2DModel: written inline in the model's
   forward, not in a submodule, so patching it would mean copying the whole forward. Left eager.
-- SD3 JointTransformerBlock and Flux FluxTransformerBlock: they fit the kernel (AdaLayerNormZero over
-  LayerNorm(elementwise_affine=False, eps=1e-6), then `x + gate_msa * attn` followed by norm2 + modulate, on both
-  the image and the context stream; SD3 with use_dual_attention adds a second gated branch before norm2, so there
-  only norm1 fits, and a context_pre_only block's AdaLayerNormContinuous has (scale, shift) order) but are not
-  patched yet. FluxSingleTransformerBlock: only norm + modulate fits (its residual is added after a concat and
-  proj_out, with no norm behind it in the block). Also not patched yet.
+- SD3.5 joint blocks with use_dual_attention (a second gated branch is added before norm2, and norm1 is
+  SD35AdaLayerNormZeroX); FluxSingleTransformerBlock itself: only its norm fits (patched as
+  AdaLayerNormZeroSingle), since its residual follows a concat and proj_out with no norm behind it.
 
 Recognition is structural (attribute names, module types, chunk counts): a module with DiT's attribute names
 and a different forward would be given DiT's forward. Blocks called with arguments DiT's forward does not take,
 or diffusers blocks in a configuration the fused path does not cover (chunked feed-forward, GLIGEN, 4-D hidden
-states), run their original forward.
+states), run their original forward. Patching a model twice raises; unpatch(model) first.
 
 Under bf16 autocast the normalised h is produced in the autocast dtype (as model/sit.py does): every consumer here
 starts with a Linear, which would cast it to that dtype anyway. A patched model stays torch.compile-able: the new
@@ -262,6 +269,26 @@ def _diffusers_plan(block: nn.Module) -> Plan:
     return _norms_plan(block, ("norm1", "norm2"), block.dim)
 
 
+def _joint_plan(block: nn.Module) -> Plan:
+    """SD3 JointTransformerBlock and Flux FluxTransformerBlock: (norm1, norm2[, norm1_context, norm2_context])."""
+    if getattr(block, "use_dual_attention", False):
+        return None, ("use_dual_attention (SD3.5): a second gated branch is added before norm2, and norm1 is "
+                      "SD35AdaLayerNormZeroX; not patched")
+    for name in ("norm1", "norm1_context"):
+        mod = getattr(block, name)
+        if type(mod).__name__ == "AdaLayerNormZero" and mod.emb is not None:
+            return None, f"{name} embeds its own timestep (AdaLayerNormZero with num_embeddings): not a joint block's"
+    paths = ("norm1.norm", "norm2")
+    if not getattr(block, "context_pre_only", False):  # the context norm1 of the last SD3 block patches on its own
+        paths += ("norm1_context.norm", "norm2_context")
+    return _norms_plan(block, paths, _width(block.norm2) or -1)
+
+
+def _norm_module_plan(module: nn.Module) -> Plan:
+    """AdaLayerNormZeroSingle and AdaLayerNormContinuous: their inner `norm`."""
+    return _norms_plan(module, ("norm",), _width(module.norm) or -1)
+
+
 # ---------------------------------------------------------------------------------------------------
 # The patched forwards (bound to each module; `self` is the block)
 # ---------------------------------------------------------------------------------------------------
@@ -333,6 +360,80 @@ def _diffusers_block_forward(self, hidden_states, attention_mask=None, encoder_h
     return gate_mlp.unsqueeze(1) * self.ff(h) + x
 
 
+def _joint_block_forward(self, hidden_states, encoder_hidden_states, temb, joint_attention_kwargs=None):
+    """SD3's JointTransformerBlock: both streams' norm1 + modulate, then gated attention residual + norm2 + modulate."""
+    spec: _Patch = getattr(self, _ATTR)
+    if getattr(self, "_chunk_size", None) is not None:
+        return spec.original(self)(hidden_states, encoder_hidden_states, temb, joint_attention_kwargs)
+    kw = dict(out_dtype=_out_dtype(hidden_states), backend=spec.backend)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1.linear(self.norm1.silu(temb)).chunk(
+        6, dim=1)
+    _, norm_hidden_states = adaln(hidden_states, shift_msa, scale_msa, **_norm_kwargs(self, spec.norms[0]), **kw)
+    if self.context_pre_only:
+        norm_encoder_hidden_states = self.norm1_context(encoder_hidden_states, temb)
+    else:
+        c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context.linear(
+            self.norm1_context.silu(temb)).chunk(6, dim=1)
+        _, norm_encoder_hidden_states = adaln(encoder_hidden_states, c_shift_msa, c_scale_msa,
+                                              **_norm_kwargs(self, spec.norms[2]), **kw)
+    attn_output, context_attn_output = self.attn(hidden_states=norm_hidden_states,
+                                                 encoder_hidden_states=norm_encoder_hidden_states,
+                                                 **(joint_attention_kwargs or {}))
+    hidden_states, h = adaln(hidden_states, shift_mlp, scale_mlp, y=attn_output, gate=gate_msa,
+                             **_norm_kwargs(self, spec.norms[1]), **kw)
+    hidden_states = hidden_states + gate_mlp.unsqueeze(1) * self.ff(h)
+    if self.context_pre_only:
+        return None, hidden_states
+    encoder_hidden_states, h = adaln(encoder_hidden_states, c_shift_mlp, c_scale_mlp, y=context_attn_output,
+                                     gate=c_gate_msa, **_norm_kwargs(self, spec.norms[3]), **kw)
+    return encoder_hidden_states + c_gate_mlp.unsqueeze(1) * self.ff_context(h), hidden_states
+
+
+def _flux_block_forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
+                        joint_attention_kwargs=None):
+    """Flux's FluxTransformerBlock: as SD3's joint block, with rope, the optional IP-adapter output and fp16 clip."""
+    spec: _Patch = getattr(self, _ATTR)
+    kw = dict(out_dtype=_out_dtype(hidden_states), backend=spec.backend)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1.linear(self.norm1.silu(temb)).chunk(
+        6, dim=1)
+    c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context.linear(
+        self.norm1_context.silu(temb)).chunk(6, dim=1)
+    _, norm_hidden_states = adaln(hidden_states, shift_msa, scale_msa, **_norm_kwargs(self, spec.norms[0]), **kw)
+    _, norm_encoder_hidden_states = adaln(encoder_hidden_states, c_shift_msa, c_scale_msa,
+                                          **_norm_kwargs(self, spec.norms[2]), **kw)
+    attention_outputs = self.attn(hidden_states=norm_hidden_states, encoder_hidden_states=norm_encoder_hidden_states,
+                                  image_rotary_emb=image_rotary_emb, **(joint_attention_kwargs or {}))
+    attn_output, context_attn_output = attention_outputs[0], attention_outputs[1]
+    hidden_states, h = adaln(hidden_states, shift_mlp, scale_mlp, y=attn_output, gate=gate_msa,
+                             **_norm_kwargs(self, spec.norms[1]), **kw)
+    hidden_states = hidden_states + gate_mlp.unsqueeze(1) * self.ff(h)
+    if len(attention_outputs) == 3:
+        hidden_states = hidden_states + attention_outputs[2]
+    encoder_hidden_states, h = adaln(encoder_hidden_states, c_shift_mlp, c_scale_mlp, y=context_attn_output,
+                                     gate=c_gate_msa, **_norm_kwargs(self, spec.norms[3]), **kw)
+    encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * self.ff_context(h)
+    if encoder_hidden_states.dtype == torch.float16:
+        encoder_hidden_states = encoder_hidden_states.clip(-65504, 65504)
+    return encoder_hidden_states, hidden_states
+
+
+def _ada_norm_zero_single_forward(self, x, emb=None):
+    """AdaLayerNormZeroSingle (Flux's single blocks): (modulate(norm(x), shift, scale), gate)."""
+    spec: _Patch = getattr(self, _ATTR)
+    shift_msa, scale_msa, gate_msa = self.linear(self.silu(emb)).chunk(3, dim=1)
+    _, h = adaln(x, shift_msa, scale_msa, **_norm_kwargs(self, spec.norms[0]), out_dtype=_out_dtype(x),
+                 backend=spec.backend)
+    return h, gate_msa
+
+
+def _ada_norm_continuous_forward(self, x, conditioning_embedding):
+    """AdaLayerNormContinuous (SD3/Flux norm_out, SD3's last context norm1): note the (scale, shift) order."""
+    spec: _Patch = getattr(self, _ATTR)
+    scale, shift = self.linear(self.silu(conditioning_embedding).to(x.dtype)).chunk(2, dim=1)
+    _, h = adaln(x, shift, scale, **_norm_kwargs(self, spec.norms[0]), out_dtype=_out_dtype(x), backend=spec.backend)
+    return h
+
+
 # ---------------------------------------------------------------------------------------------------
 # Recognition, patch, unpatch
 # ---------------------------------------------------------------------------------------------------
@@ -341,13 +442,18 @@ _DIT_BLOCK_ATTRS = ("norm1", "attn", "norm2", "mlp", "adaLN_modulation")
 _DIT_FINAL_ATTRS = ("norm_final", "linear", "adaLN_modulation")
 _FORWARDS = {"dit_block": _dit_block_forward, "dit_final_layer": _dit_final_forward,
              "diffusers_ada_norm_zero": _diffusers_block_forward,
-             "diffusers_ada_norm_single": _diffusers_block_forward}
+             "diffusers_ada_norm_single": _diffusers_block_forward,
+             "diffusers_sd3_joint_block": _joint_block_forward, "diffusers_flux_block": _flux_block_forward,
+             "diffusers_ada_norm_zero_single": _ada_norm_zero_single_forward,
+             "diffusers_ada_norm_continuous": _ada_norm_continuous_forward}
+_DIFFUSERS = {"JointTransformerBlock": ("diffusers_sd3_joint_block", _joint_plan),
+              "FluxTransformerBlock": ("diffusers_flux_block", _joint_plan),
+              "AdaLayerNormZeroSingle": ("diffusers_ada_norm_zero_single", _norm_module_plan),
+              "AdaLayerNormContinuous": ("diffusers_ada_norm_continuous", _norm_module_plan)}
 _NOT_YET = {
-    "JointTransformerBlock": "SD3 joint block: fits the kernel (AdaLayerNormZero without affine; gated attn "
-                             "residual then norm2 + modulate on both streams), not patched yet",
-    "FluxTransformerBlock": "Flux double block: fits the kernel (as SD3's joint block), not patched yet",
-    "FluxSingleTransformerBlock": "Flux single block: only norm + modulate fits (the residual follows a concat "
-                                  "and proj_out with no norm behind it), not patched yet",
+    "FluxSingleTransformerBlock": "Flux single block: only its norm + modulate fits (its AdaLayerNormZeroSingle, "
+                                  "patched on its own); the residual follows a concat and proj_out with no norm "
+                                  "behind it in the block",
 }
 _INLINE_FINAL = {"DiTTransformer2DModel", "PixArtTransformer2DModel"}
 
@@ -364,6 +470,9 @@ def _classify(module: nn.Module) -> tuple[str | None, tuple[_Norm, ...] | None, 
         if name == "BasicTransformerBlock":
             kind = f"diffusers_{module.norm_type}"
             return (kind, *_diffusers_plan(module))
+        if name in _DIFFUSERS:
+            kind, plan = _DIFFUSERS[name]
+            return (kind, *plan(module))
         if name in _NOT_YET:
             return name, None, _NOT_YET[name]
         if name in _INLINE_FINAL:
