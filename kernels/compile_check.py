@@ -182,14 +182,12 @@ def _cases():
                         cases.append((name, adaln_case(shape, res_dtype, h_dtype, residual, cond_grad, use_xnew)))
         # the RMSNorm and affine-weight specialisations, in the mixed-precision recipe's dtypes: all of them at
         # the recipe's shape, the fullest one (most live registers) at the odd shape
-        for norm, weight in (("rms", False), ("rms", True), ("layer", True)):
-            for residual in (False, True):
-                for cond_grad in (False, True):
-                    if shape != ADALN_BTD and not (norm == "rms" and weight and residual and cond_grad):
-                        continue
-                    name = (f"adaln {list(shape)} norm={norm} weight={weight} res={f32} h={bf16} residual={residual} "
-                            f"cond_grad={cond_grad} dxnew={residual}")
-                    cases.append((name, adaln_case(shape, f32, bf16, residual, cond_grad, residual, norm, weight)))
+        variants = [(n, w, r, c) for n, w in (("rms", False), ("rms", True), ("layer", True)) for r in (False, True)
+                    for c in (False, True)] if shape == ADALN_BTD else [("rms", True, True, True)]
+        for norm, weight, residual, cond_grad in variants:
+            name = (f"adaln {list(shape)} norm={norm} weight={weight} res={f32} h={bf16} residual={residual} "
+                    f"cond_grad={cond_grad} dxnew={residual}")
+            cases.append((name, adaln_case(shape, f32, bf16, residual, cond_grad, residual, norm, weight)))
     for shape in REPA_SHAPES:
         for a_dtype, b_dtype in ((bf16, f32), (f32, f32), (bf16, bf16)):
             for grad_b in (False, True):
