@@ -42,7 +42,8 @@ Recognised and left alone (the report says why):
   AdaLayerNormZeroSingle), since its residual follows a concat and proj_out with no norm behind it.
 
 Recognition is structural (attribute names, module types, chunk counts): a module with DiT's attribute names
-and a different forward would be given DiT's forward. Blocks called with arguments DiT's forward does not take,
+and a different forward would be given DiT's forward. A DiT block whose forward takes `feat_rope` (LightningDiT
+and its descendants) gets attn(h, rope=feat_rope), as theirs calls it. Blocks called with other extra arguments,
 or diffusers blocks in a configuration the fused path does not cover (chunked feed-forward, GLIGEN, 4-D hidden
 states), run their original forward. Patching a model twice raises; unpatch(model) first.
 
@@ -101,6 +102,8 @@ class _Patch:
     norms: tuple[_Norm, ...]
     saved_forward: Callable | None
     had_instance_forward: bool
+    rope: bool = False
+    """DiT block whose forward takes feat_rope and passes it as attn(h, rope=feat_rope) (LightningDiT's)."""
 
     def original(self, module: nn.Module) -> Callable:
         return self.saved_forward if self.had_instance_forward else type(module).forward.__get__(module)
@@ -241,6 +244,8 @@ def _norms_plan(block: nn.Module, paths: tuple[str, ...], D: int) -> Plan:
 
 
 def _dit_block_plan(block: nn.Module) -> Plan:
+    if getattr(block, "wo_shift", False):
+        return None, "wo_shift (LightningDiT): modulate without shift, 4 chunks; not DiT's forward"
     D = _width(block.norm1)
     if D is None:
         return None, f"cannot read the width of norm1 ({type(block.norm1).__name__})"
@@ -295,13 +300,16 @@ def _norm_module_plan(module: nn.Module) -> Plan:
 
 def _dit_block_forward(self, x_BTD: torch.Tensor, c_BD: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     spec: _Patch = getattr(self, _ATTR)
-    if args or kwargs:  # a forward with more inputs than DiT's (e.g. rope tables): not ours to guess
+    rope_only = spec.rope and len(args) + len(kwargs) <= 1 and set(kwargs) <= {"feat_rope"}
+    if (args or kwargs) and not rope_only:  # more inputs than DiT's forward takes: not ours to guess
         return spec.original(self)(x_BTD, c_BD, *args, **kwargs)
+    feat_rope = args[0] if args else kwargs.get("feat_rope")
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c_BD).chunk(6, dim=1)
     out_dtype = _out_dtype(x_BTD)
     _, h_BTD = adaln(x_BTD, shift_msa, scale_msa, **_norm_kwargs(self, spec.norms[0]), out_dtype=out_dtype,
                      backend=spec.backend)
-    x_BTD, h_BTD = adaln(x_BTD, shift_mlp, scale_mlp, y=self.attn(h_BTD), gate=gate_msa,
+    attn_out = self.attn(h_BTD, rope=feat_rope) if spec.rope else self.attn(h_BTD)
+    x_BTD, h_BTD = adaln(x_BTD, shift_mlp, scale_mlp, y=attn_out, gate=gate_msa,
                          **_norm_kwargs(self, spec.norms[1]), out_dtype=out_dtype, backend=spec.backend)
     return x_BTD + gate_mlp.unsqueeze(1) * self.mlp(h_BTD)
 
@@ -514,6 +522,8 @@ def patch(model: nn.Module, *, backend: str | None = None) -> PatchReport:
         had_instance = "forward" in vars(module)
         setattr(module, _ATTR, _Patch(kind=kind, backend=backend, norms=norms, had_instance_forward=had_instance,
                                       saved_forward=vars(module)["forward"] if had_instance else None))
+        if kind == "dit_block":
+            getattr(module, _ATTR).rope = "feat_rope" in inspect.signature(type(module).forward).parameters
         module.forward = types.MethodType(_FORWARDS[kind], module)
         counts[kind] += 1
     if not recognised:

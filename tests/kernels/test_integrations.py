@@ -316,6 +316,37 @@ def test_extra_forward_arguments_fall_back_to_the_original():
         block(inputs["x"], inputs["c"], "rope")
 
 
+class RopeAttention(Attention):
+    def forward(self, x, rope=None):
+        return super().forward(x if rope is None else x * rope)
+
+
+class LightningDiTBlock(DiTBlock):
+    """LightningDiT's block: forward(x, c, feat_rope=None) passes attn(..., rope=feat_rope); wo_shift variant."""
+
+    def __init__(self, hidden_size, num_heads, wo_shift=False):
+        super().__init__(hidden_size, num_heads)
+        self.attn, self.wo_shift = RopeAttention(hidden_size, num_heads), wo_shift
+
+    def forward(self, x, c, feat_rope=None):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope=feat_rope)
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+def test_lightningdit_rope_argument_reaches_attention():
+    torch.manual_seed(0)
+    model = nn.ModuleList([LightningDiTBlock(D, A), LightningDiTBlock(D, A, wo_shift=True)])
+    x, c, rope = torch.randn(B, T, D), torch.randn(B, D), 1 + 0.5 * torch.randn(T, D)
+    want = [model[0](x, c, rope), model[0](x, c, feat_rope=rope), model[0](x, c)]
+    report = patch(model, backend="eager")
+    assert report.patched == {"dit_block": 1} and "wo_shift" in report.left_alone[0][1]
+    got = [model[0](x, c, rope), model[0](x, c, feat_rope=rope), model[0](x, c)]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_patched_dit_compiles_fullgraph():
     """One graph (fullgraph=True raises on a break), forward and backward; aot_eager keeps this test fast, the
     slow test below compiles with inductor."""
