@@ -458,7 +458,7 @@ _DIFFUSERS = {"JointTransformerBlock": ("diffusers_sd3_joint_block", _joint_plan
               "FluxTransformerBlock": ("diffusers_flux_block", _joint_plan),
               "AdaLayerNormZeroSingle": ("diffusers_ada_norm_zero_single", _norm_module_plan),
               "AdaLayerNormContinuous": ("diffusers_ada_norm_continuous", _norm_module_plan)}
-_NOT_YET = {
+_LEFT_ALONE = {
     "FluxSingleTransformerBlock": "Flux single block: only its norm + modulate fits (its AdaLayerNormZeroSingle, "
                                   "patched on its own); the residual follows a concat and proj_out with no norm "
                                   "behind it in the block",
@@ -481,8 +481,8 @@ def _classify(module: nn.Module) -> tuple[str | None, tuple[_Norm, ...] | None, 
         if name in _DIFFUSERS:
             kind, plan = _DIFFUSERS[name]
             return (kind, *plan(module))
-        if name in _NOT_YET:
-            return name, None, _NOT_YET[name]
+        if name in _LEFT_ALONE:
+            return name, None, _LEFT_ALONE[name]
         if name in _INLINE_FINAL:
             return name, None, ("the final norm_out + modulate is written inline in the model's forward (no "
                                 "submodule to patch); left eager")
@@ -529,8 +529,8 @@ def patch(model: nn.Module, *, backend: str | None = None) -> PatchReport:
     if not recognised:
         raise ValueError(
             f"repae.kernels.integrations.patch: nothing recognised in {type(model).__name__}. Looked for DiT-style "
-            f"blocks (attributes {', '.join(_DIT_BLOCK_ATTRS)}), DiT final layers ({', '.join(_DIT_FINAL_ATTRS)}) "
-            "and diffusers BasicTransformerBlock (norm_type ada_norm_zero / ada_norm_single)"
+            f"blocks (attributes {', '.join(_DIT_BLOCK_ATTRS)}), DiT final layers ({', '.join(_DIT_FINAL_ATTRS)}), "
+            f"diffusers BasicTransformerBlock (norm_type ada_norm_zero / ada_norm_single), {', '.join(_DIFFUSERS)}"
         )
     report.patched = dict(counts)
     return report
