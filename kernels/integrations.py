@@ -85,7 +85,7 @@ class PatchReport:
         return sum(self.patched.values())
 
     def __str__(self) -> str:
-        lines = [f"repae.kernels.integrations.patch({self.model}): {self.num_patched} blocks patched"]
+        lines = [f"repae.kernels.integrations.patch({self.model}): {self.num_patched} modules patched"]
         lines += [f"  {kind}: {n}" for kind, n in sorted(self.patched.items())]
         if self.left_alone:
             lines.append(f"  left alone ({len(self.left_alone)}):")

@@ -269,7 +269,7 @@ def test_report_names_what_was_left_alone():
     assert report.left_alone == [("blocks.0", "norm1 has an affine bias (elementwise_affine=True): the kernel has no "
                                                "bias input")]
     text = str(report)
-    assert "2 blocks patched" in text and "blocks.0: norm1 has an affine bias" in text
+    assert "2 modules patched" in text and "blocks.0: norm1 has an affine bias" in text
     assert not hasattr(model.blocks[0], "_repae_patch") and "forward" not in vars(model.blocks[0])
 
 
