@@ -373,3 +373,24 @@ def test_patched_diffusers_models_compile_fullgraph(name):
         want = model(**inputs)[0]
         got = torch.compile(model, fullgraph=True)(**inputs)[0]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_diffusers_ada_norm_zero_block_with_cross_attention_and_pos_embed():
+    """The BasicTransformerBlock paths DiTTransformer2DModel does not take: attn2 (ungated residual, gate 1) and the
+    sinusoidal positional embedding on the normalised input."""
+    diffusers = pytest.importorskip("diffusers")
+    from diffusers.models.attention import BasicTransformerBlock
+
+    torch.manual_seed(0)
+    block = BasicTransformerBlock(16, 2, 8, cross_attention_dim=12, num_embeds_ada_norm=10, norm_type="ada_norm_zero",
+                                  norm_elementwise_affine=False, positional_embeddings="sinusoidal",
+                                  num_positional_embeddings=16).eval()
+    assert diffusers is not None and block.attn2 is not None and block.pos_embed is not None
+    g = torch.Generator().manual_seed(1)
+    inputs = {"hidden_states": torch.randn(B, T, 16, generator=g), "timestep": torch.tensor([3, 700]),
+              "encoder_hidden_states": torch.randn(B, 5, 12, generator=g), "class_labels": torch.tensor([1, 7])}
+    want, dout = _run(block, inputs)
+    assert patch(block, backend="eager").patched == {"diffusers_ada_norm_zero": 1}
+    got, _ = _run(block, inputs, dout=dout)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=1e-5, msg=key)
