@@ -24,16 +24,15 @@ What is fused, per recognised block (the rest of each forward is the original co
   "diffusers_ada_norm_continuous" (AdaLayerNormContinuous: SD3/Flux norm_out, the context norm1 of SD3's last
   block; (scale, shift) chunk order): norm + modulate, patched as modules.
 
-Norms: torch.nn.LayerNorm without affine -> the kernel's LayerNorm with the module's eps. Where this version of
-the kernel has `norm=` and `weight=`: a LayerNorm with a weight and no bias, torch.nn.RMSNorm, and hand-written
-RMSNorms (a class named *RMSNorm* with `eps` and `weight`; checked at patch time on a random input against
-rms_norm(x) * weight, so that e.g. Gemma's (1 + weight) is refused) -> norm="rms" / weight=.
+Norms: torch.nn.LayerNorm -> norm="layer" with the module's eps (and its weight, weight=, when it has one and no
+bias); torch.nn.RMSNorm and hand-written RMSNorms (a class named *RMSNorm* with `eps` and `weight`, checked at patch
+time on a random input against rms_norm(x) * weight, so that e.g. Gemma's (1 + weight) is refused) -> norm="rms".
 
 Recognised and left alone (the report says why):
 - a norm with an affine bias (LayerNorm(elementwise_affine=True)): the kernel has no bias input, and computing
-  without it would be another function; an RMSNorm or a weighted norm where the kernel lacks them; an RMSNorm
-  with eps=None (the input dtype's epsilon); LayerNorm subclasses such as diffusers' FP32LayerNorm (it rounds the
-  normalised x to the input dtype before modulating, a different rounding).
+  without it would be another function; an RMSNorm with eps=None (the input dtype's epsilon), or a hand-written one
+  that fails the probe; LayerNorm subclasses such as diffusers' FP32LayerNorm (it rounds the normalised x to the
+  input dtype before modulating, a different rounding).
 - diffusers BasicTransformerBlock with another norm_type (no adaptive modulation).
 - the final norm + modulate of DiTTransformer2DModel and PixArtTransformer2DModel: written inline in the model's
   forward, not in a submodule, so patching it would mean copying the whole forward. Left eager.
@@ -131,12 +130,6 @@ class _Norm:
     has_weight: bool
 
 
-def _kernel_takes_norm_and_weight() -> bool:
-    """Whether this version of repae.kernels.adaln has the RMSNorm variant and the elementwise weight."""
-    params = inspect.signature(adaln).parameters
-    return "norm" in params and "weight" in params
-
-
 def _get(module: nn.Module, path: str) -> nn.Module:
     for name in path.split("."):
         module = getattr(module, name)
@@ -157,7 +150,7 @@ def _width(norm: nn.Module) -> int | None:
 
 def _norm_plan(block: nn.Module, path: str, D: int) -> tuple[_Norm | None, str | None]:
     """How the kernel computes the norm module at `path` of block, or why it cannot compute the same function."""
-    norm, full = _get(block, path), _kernel_takes_norm_and_weight()
+    norm = _get(block, path)
     cls = type(norm).__name__
     shape = getattr(norm, "normalized_shape", None)
     if _width(norm) != D or (shape is not None and tuple(shape) != (D,)):
@@ -165,8 +158,6 @@ def _norm_plan(block: nn.Module, path: str, D: int) -> tuple[_Norm | None, str |
     if type(norm) is nn.LayerNorm:  # exact type: subclasses (e.g. FP32LayerNorm) may round differently
         kind, eps = "layer", norm.eps
     elif _is_rms_norm(norm):
-        if not full:
-            return None, f"{path} is an RMSNorm ({cls}): needs the RMSNorm kernel"
         kind, eps = "rms", getattr(norm, "eps", None)
         if not isinstance(eps, float):
             return None, f"{path} ({cls}) has eps={eps!r}, not a float (None: the input dtype's epsilon)"
@@ -175,8 +166,6 @@ def _norm_plan(block: nn.Module, path: str, D: int) -> tuple[_Norm | None, str |
     weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
     if isinstance(bias, torch.Tensor):
         return None, f"{path} has an affine bias (elementwise_affine=True): the kernel has no bias input"
-    if weight is not None and not full:
-        return None, f"{path} has an affine weight: this version of the kernel has no weight input"
     plan = _Norm(path, kind, float(eps), isinstance(weight, torch.Tensor))
     if kind == "rms" and type(norm) is not getattr(nn, "RMSNorm", None):
         return (None, why) if (why := _probe_rms(norm, plan, D)) else (plan, None)

@@ -20,11 +20,10 @@ import torch.nn.functional as F
 from parity import DEVICE, assert_close_3way
 from torch import nn
 
-from repae.kernels.integrations import PatchReport, _kernel_takes_norm_and_weight, is_patched, patch, unpatch
+from repae.kernels.integrations import PatchReport, is_patched, patch, unpatch
 
 B, T, D, A = 2, 8, 48, 2
 ATOL = {"fp32": 1e-4, "bf16_autocast": 5e-2}
-NORM_KERNEL = _kernel_takes_norm_and_weight()  # adaln(norm="rms", weight=...) exists in this version
 
 
 # --- a DiT as facebookresearch/DiT writes it (models.py), without PatchEmbed and the embedders ---------------
@@ -121,8 +120,6 @@ class GemmaRMSNorm(RMSNorm):
 def _dit_norms():
     """DiT blocks with the norms LightningDiT and others use: RMSNorm (torch's and hand-written), LayerNorm with a
     weight and no bias; random weights."""
-    if not NORM_KERNEL:
-        pytest.skip("this version of repae.kernels.adaln has no norm= / weight= arguments")
     model, inputs = _dit()
     model.blocks[0].norm1 = nn.RMSNorm(D, eps=1e-6)
     model.blocks[0].norm2 = RMSNorm(D)
@@ -279,15 +276,9 @@ def test_rmsnorms_that_do_not_fit_are_left_alone():
     model.blocks[1].norm2 = GemmaRMSNorm(D)
     model.blocks[2].norm1 = nn.LayerNorm(D, bias=False)
     report = patch(model, backend="eager")
-    if NORM_KERNEL:
-        assert report.left_alone == [
-            ("blocks.0", "norm2 (RMSNorm) has eps=None, not a float (None: the input dtype's epsilon)"),
-            ("blocks.1", "norm2 (GemmaRMSNorm) does not compute rms_norm(x) * weight (checked on a probe)")]
-    else:
-        assert [why for _, why in report.left_alone] == [
-            "norm2 is an RMSNorm (RMSNorm): needs the RMSNorm kernel",
-            "norm2 is an RMSNorm (GemmaRMSNorm): needs the RMSNorm kernel",
-            "norm1 has an affine weight: this version of the kernel has no weight input"]
+    assert report.left_alone == [
+        ("blocks.0", "norm2 (RMSNorm) has eps=None, not a float (None: the input dtype's epsilon)"),
+        ("blocks.1", "norm2 (GemmaRMSNorm) does not compute rms_norm(x) * weight (checked on a probe)")]
 
 
 def test_diffusers_final_layer_is_reported():
