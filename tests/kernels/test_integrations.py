@@ -13,6 +13,8 @@ input, by the 3-way rule of tests/parity.py; unpatch restores the original outpu
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -385,3 +387,16 @@ def test_diffusers_ada_norm_zero_block_with_cross_attention_and_pos_embed():
     got, _ = _run(block, inputs, dout=dout)
     for key in want:
         torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=1e-5, msg=key)
+
+
+def test_integrations_import_without_diffusers():
+    """diffusers blocks are recognised by name: importing and using the module needs no diffusers."""
+    script = ("import sys; sys.modules['diffusers'] = None\n"
+              "import torch; from repae.kernels.integrations import patch\n"
+              "block = torch.nn.Module(); block.norm_final = torch.nn.LayerNorm(8, elementwise_affine=False)\n"
+              "block.linear = torch.nn.Linear(8, 4); block.adaLN_modulation = torch.nn.Linear(8, 16)\n"
+              "assert patch(block, backend='eager').patched == {'dit_final_layer': 1}\n"
+              "assert not any(m == 'diffusers' or m.startswith('diffusers.') for m, v in sys.modules.items() if v)\n"
+              "print('ok')")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
