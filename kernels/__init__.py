@@ -14,6 +14,7 @@ from .adaln_ref import adaln_ref, make_adaln_inputs
 from .functional import (
     BACKENDS,
     adaln,
+    autocast_out_dtype,
     get_backend,
     latent_bn,
     latent_bn_denorm,
@@ -43,6 +44,7 @@ __all__ = [
     "REPALoss",
     "StatsHook",
     "adaln",
+    "autocast_out_dtype",
     "adaln_ref",
     "allreduce_stats_hook",
     "get_backend",

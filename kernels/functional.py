@@ -67,6 +67,15 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     return name
 
 
+def autocast_out_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a block's normalised h should have: the autocast dtype under autocast (the next Linear casts to it
+    anyway, so storing it narrower saves bytes and changes nothing), else x's dtype. Pass it as adaln's out_dtype."""
+    kind = x.device.type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):  # (meta has no autocast)
+        return torch.get_autocast_dtype(kind)
+    return x.dtype
+
+
 def adaln(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, *, y: torch.Tensor | None = None,
           gate: torch.Tensor | None = None, eps: float = 1e-6, norm: str = "layer", weight: torch.Tensor | None = None,
           out_dtype: torch.dtype | None = None, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:

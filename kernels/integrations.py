@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import adaln
+from .functional import adaln, autocast_out_dtype
 
 _ATTR = "_repae_patch"
 
@@ -106,14 +106,6 @@ class _Patch:
 
     def original(self, module: nn.Module) -> Callable:
         return self.saved_forward if self.had_instance_forward else type(module).forward.__get__(module)
-
-
-def _out_dtype(x: torch.Tensor) -> torch.dtype:
-    """dtype of the normalised h: the autocast dtype under autocast (the next Linear casts to it anyway)."""
-    kind = x.device.type
-    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
-        return torch.get_autocast_dtype(kind)
-    return x.dtype
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -294,7 +286,7 @@ def _dit_block_forward(self, x_BTD: torch.Tensor, c_BD: torch.Tensor, *args, **k
         return spec.original(self)(x_BTD, c_BD, *args, **kwargs)
     feat_rope = args[0] if args else kwargs.get("feat_rope")
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c_BD).chunk(6, dim=1)
-    out_dtype = _out_dtype(x_BTD)
+    out_dtype = autocast_out_dtype(x_BTD)
     _, h_BTD = adaln(x_BTD, shift_msa, scale_msa, **_norm_kwargs(self, spec.norms[0]), out_dtype=out_dtype,
                      backend=spec.backend)
     attn_out = self.attn(h_BTD, rope=feat_rope) if spec.rope else self.attn(h_BTD)
@@ -308,7 +300,7 @@ def _dit_final_forward(self, x_BTD: torch.Tensor, c_BD: torch.Tensor, *args, **k
     if args or kwargs:
         return spec.original(self)(x_BTD, c_BD, *args, **kwargs)
     shift, scale = self.adaLN_modulation(c_BD).chunk(2, dim=1)
-    _, h_BTD = adaln(x_BTD, shift, scale, **_norm_kwargs(self, spec.norms[0]), out_dtype=_out_dtype(x_BTD),
+    _, h_BTD = adaln(x_BTD, shift, scale, **_norm_kwargs(self, spec.norms[0]), out_dtype=autocast_out_dtype(x_BTD),
                      backend=spec.backend)
     return self.linear(h_BTD)
 
@@ -333,7 +325,7 @@ def _diffusers_block_forward(self, hidden_states, attention_mask=None, encoder_h
                                    timestep, cross_attention_kwargs, class_labels, added_cond_kwargs)
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _diffusers_modulation(
         self, hidden_states, timestep, class_labels)
-    kw = dict(out_dtype=_out_dtype(hidden_states), backend=spec.backend)
+    kw = dict(out_dtype=autocast_out_dtype(hidden_states), backend=spec.backend)
     _, h = adaln(hidden_states, shift_msa, scale_msa, **_norm_kwargs(self, spec.norms[0]), **kw)  # norm1 + modulate
     if self.pos_embed is not None:
         h = self.pos_embed(h)
@@ -362,7 +354,7 @@ def _joint_block_forward(self, hidden_states, encoder_hidden_states, temb, joint
     spec: _Patch = getattr(self, _ATTR)
     if getattr(self, "_chunk_size", None) is not None:
         return spec.original(self)(hidden_states, encoder_hidden_states, temb, joint_attention_kwargs)
-    kw = dict(out_dtype=_out_dtype(hidden_states), backend=spec.backend)
+    kw = dict(out_dtype=autocast_out_dtype(hidden_states), backend=spec.backend)
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1.linear(self.norm1.silu(temb)).chunk(
         6, dim=1)
     _, norm_hidden_states = adaln(hidden_states, shift_msa, scale_msa, **_norm_kwargs(self, spec.norms[0]), **kw)
@@ -390,7 +382,7 @@ def _flux_block_forward(self, hidden_states, encoder_hidden_states, temb, image_
                         joint_attention_kwargs=None):
     """Flux's FluxTransformerBlock: as SD3's joint block, with rope, the optional IP-adapter output and fp16 clip."""
     spec: _Patch = getattr(self, _ATTR)
-    kw = dict(out_dtype=_out_dtype(hidden_states), backend=spec.backend)
+    kw = dict(out_dtype=autocast_out_dtype(hidden_states), backend=spec.backend)
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1.linear(self.norm1.silu(temb)).chunk(
         6, dim=1)
     c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context.linear(
@@ -418,7 +410,7 @@ def _ada_norm_zero_single_forward(self, x, emb=None):
     """AdaLayerNormZeroSingle (Flux's single blocks): (modulate(norm(x), shift, scale), gate)."""
     spec: _Patch = getattr(self, _ATTR)
     shift_msa, scale_msa, gate_msa = self.linear(self.silu(emb)).chunk(3, dim=1)
-    _, h = adaln(x, shift_msa, scale_msa, **_norm_kwargs(self, spec.norms[0]), out_dtype=_out_dtype(x),
+    _, h = adaln(x, shift_msa, scale_msa, **_norm_kwargs(self, spec.norms[0]), out_dtype=autocast_out_dtype(x),
                  backend=spec.backend)
     return h, gate_msa
 
@@ -427,7 +419,8 @@ def _ada_norm_continuous_forward(self, x, conditioning_embedding):
     """AdaLayerNormContinuous (SD3/Flux norm_out, SD3's last context norm1): note the (scale, shift) order."""
     spec: _Patch = getattr(self, _ATTR)
     scale, shift = self.linear(self.silu(conditioning_embedding).to(x.dtype)).chunk(2, dim=1)
-    _, h = adaln(x, shift, scale, **_norm_kwargs(self, spec.norms[0]), out_dtype=_out_dtype(x), backend=spec.backend)
+    _, h = adaln(x, shift, scale, **_norm_kwargs(self, spec.norms[0]), out_dtype=autocast_out_dtype(x),
+                 backend=spec.backend)
     return h
 
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from repae.kernels import BACKENDS, PATH_TYPES, LatentBatchNorm, adaln
+from repae.kernels import BACKENDS, PATH_TYPES, LatentBatchNorm, adaln, autocast_out_dtype
 
 from .attention import ATTN_BACKENDS, Attention
 
@@ -286,14 +286,6 @@ def add_pending(x_BTD: torch.Tensor, pending: Pending) -> torch.Tensor:
     return x_BTD + gate_BD.unsqueeze(1) * y_BTD
 
 
-def _out_dtype(x: torch.Tensor) -> torch.dtype:
-    """dtype of the normalised h: the autocast dtype under autocast (the next Linear casts to it anyway)."""
-    kind = x.device.type
-    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):  # (meta has no autocast)
-        return torch.get_autocast_dtype(kind)
-    return x.dtype
-
-
 class Mlp(nn.Module):
     """timm Mlp: fc1 -> GELU(tanh) -> fc2 (keys fc1, fc2)."""
 
@@ -327,7 +319,7 @@ class SiTBlock(nn.Module):
         # (B, D) views of one (B, 6D) tensor: the kernels read strided rows, no copies.
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c_BD).chunk(6, dim=1)
         y_prev, gate_prev = pending if pending is not None else (None, None)
-        kw = dict(eps=1e-6, out_dtype=_out_dtype(x_BTD), backend=self.kernel_backend)
+        kw = dict(eps=1e-6, out_dtype=autocast_out_dtype(x_BTD), backend=self.kernel_backend)
         # PARITY: with the triton backend the previous branch is added in fp32 inside the fused kernel; the
         # original adds the (autocast-dtype) product gate * y to the fp32 stream. Same math up to one rounding.
         x_BTD, h_BTD = adaln(x_BTD, shift_msa, scale_msa, y=y_prev, gate=gate_prev, **kw)  # norm1
@@ -347,7 +339,7 @@ class FinalLayer(nn.Module):
     def forward(self, x_BTD: torch.Tensor, c_BD: torch.Tensor, pending: Pending = None) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c_BD).chunk(2, dim=1)
         y_prev, gate_prev = pending if pending is not None else (None, None)
-        _, h_BTD = adaln(x_BTD, shift, scale, y=y_prev, gate=gate_prev, eps=1e-6, out_dtype=_out_dtype(x_BTD),
+        _, h_BTD = adaln(x_BTD, shift, scale, y=y_prev, gate=gate_prev, eps=1e-6, out_dtype=autocast_out_dtype(x_BTD),
                          backend=self.kernel_backend)
         return self.linear(h_BTD)
 
