@@ -110,6 +110,10 @@ def pytest_terminal_summary(terminalreporter):
             tr.write_line(f"{r['op']:10} {r['case']:24} {r['mode']:8} {r['provider']:8} {r['ms'][0]:9.1f} "
                           f"{r['img_per_s']:7.1f} img/s  {r['precision']}")
             continue
+        if r["op"] == "integrations":  # patched foreign models (bench_integrations.py)
+            tr.write_line(f"{r['op']:10} {r['case']:24} {r['mode']:8} {r['provider']:15} {r['ms'][0]:9.2f} "
+                          f"{r['tflops']:7.1f}TF {r['mfu']:6.1%} MFU {r['peak_mem_gib']:5.1f} GiB")
+            continue
         if "img_per_s" in r:  # train-step rows (bench_train_step.py)
             tr.write_line(f"{r['op']:10} {r['case']:24} {r['mode']:8} {r['provider']:8} {r['ms'][0]:9.1f} "
                           f"{r['img_per_s']:7.1f} img/s {r['peak_mem_gib']:5.1f} GiB  {r['split_ms']}")

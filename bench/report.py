@@ -52,7 +52,7 @@ def report(folder: Path) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for op, case, mode in sorted({k[:3] for k in latest
-                                if k[0] not in ("model", "train_step", "sampling", "inception")}):
+                                if k[0] not in ("model", "train_step", "sampling", "inception", "integrations")}):
         rows = {p: latest.get((op, case, mode, p)) for p in ("triton", "eager", "compile")}
         ms = {p: (r["ms"][0] if r else float("nan")) for p, r in rows.items()}
         t = rows["triton"]
@@ -80,6 +80,23 @@ def report(folder: Path) -> str:
             lines.append(f"| {case} | {mode} | " + " | ".join(f"{ms[p]:.3f}" for p in providers) +
                          f" | {best['tflops']:.0f} | {best['mfu']:.0%} | {ms['eager'] / ref:.2f}x | "
                          f"{ms['compile'] / ref:.2f}x | {ms['original_compile'] / ref:.2f}x |")
+    integrations = sorted({k[1:3] for k in latest if k[0] == "integrations"})
+    if integrations:
+        providers = ("eager", "patched", "compile", "patched_compile")
+        lines += ["", "## Patched foreign models (repae.kernels.integrations.patch; bench/bench_integrations.py)", "",
+                  "bf16 autocast, fp32 weights, train mode. compile: every transformer block compiled (regional), the",
+                  "embedders and the final norm eager. TFLOP/s from FLOPs counted on the unpatched model.", "",
+                  "| case | mode | " + " | ".join(f"{p} ms" for p in providers) + " | patched vs eager | "
+                  "patched_compile vs compile | patched TFLOP/s | peak GiB eager / patched |",
+                  "|" + "---|" * (len(providers) + 6)]
+        for case, mode in integrations:
+            rows = {p: latest.get(("integrations", case, mode, p)) for p in providers}
+            ms = {p: (r["ms"][0] if r else float("nan")) for p, r in rows.items()}
+            mem = {p: (r["peak_mem_gib"] if r else float("nan")) for p, r in rows.items()}
+            tf = rows["patched"]["tflops"] if rows["patched"] else float("nan")
+            lines.append(f"| {case} | {mode} | " + " | ".join(f"{ms[p]:.2f}" for p in providers) +
+                         f" | {ms['eager'] / ms['patched']:.2f}x | {ms['compile'] / ms['patched_compile']:.2f}x | "
+                         f"{tf:.0f} | {mem['eager']:.1f} / {mem['patched']:.1f} |")
     steps = [r for k, r in sorted(latest.items()) if k[0] == "train_step"]
     if steps:
         lines += ["", "## The REPA-E train step (one GPU, 10 burn-in + 20 timed steps)", "",

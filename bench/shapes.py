@@ -40,3 +40,19 @@ SAMPLING_CASES = {
 SAMPLER_RUNS = {"ode50": ("ode", 50), "sde250": ("sde", 250)}
 # FID Inception (bench/bench_sampling.py): (images per forward, side of the uint8 images).
 INCEPTION_CASES = {"b100_r256": (100, 256), "b500_r256": (500, 256)}
+
+# Patched foreign models (bench/bench_integrations.py): (kind, diffusers constructor arguments, per-GPU batch,
+# extra inputs). DiT-XL/2 at 256 px, as DiTTransformer2DModel's defaults describe it (28 layers, 16 heads x 72 =
+# 1152, patch 2 on 32x32x4 latents, 1000 classes; out_channels 8 for the learned sigma) at b=32, the per-GPU batch
+# of the SiT-XL/2 rows of bench_models.py (global 256 on 8 GPUs), so the two tables compare. PixArt-alpha XL/2 at
+# 512 px (64x64 latents, 1024 tokens; 28 layers, 1152 wide, T5-XXL captions: 120 tokens of 4096 channels projected
+# to the cross-attention width 1152) at b=16: 16384 tokens a batch, about 30 GB of activations in fwd+bwd.
+INTEGRATION_CASES = {
+    "diffusers_dit_xl2": ("diffusers_dit", dict(num_attention_heads=16, attention_head_dim=72, in_channels=4,
+                                                out_channels=8, num_layers=28, sample_size=32, patch_size=2,
+                                                num_embeds_ada_norm=1000), 32, {}),
+    "pixart_alpha_xl2_512": ("pixart", dict(num_attention_heads=16, attention_head_dim=72, in_channels=4,
+                                            out_channels=8, num_layers=28, cross_attention_dim=1152,
+                                            caption_channels=4096, sample_size=64, patch_size=2,
+                                            use_additional_conditions=False), 16, {"text_tokens": 120}),
+}
