@@ -8,6 +8,7 @@
 #   loss     the SiT loss pass, fwd+bwd: ours vs the original SiT, eager and compiled -> bench_loss.log
 #   models   pytest bench/bench_models.py (SiT-XL block, SiT-XL/2, loss pass, VAE)    -> bench_models.log
 #   sampling pytest bench/bench_sampling.py (SiT-XL/2 sampling img/s, Inception; ~1 min) -> bench_sampling.log
+#   integrations pytest bench/bench_integrations.py (patched diffusers DiT-XL/2, PixArt; 2-3 min) -> bench_integrations.log
 # A stage may carry its own cap in seconds (`kernels:150`); it never runs past the shared deadline.
 # then bench/results/<gpu>/REPORT.md. Benchmark rows are appended to the jsonl files as they are measured.
 #
@@ -23,10 +24,10 @@ cd "$(dirname "$0")/.."
 start=$SECONDS
 deadline=${GPU_REPORT_DEADLINE:-560}
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(hw tests kernels step models sampling)
+[ ${#stages[@]} -gt 0 ] || stages=(hw tests kernels step models sampling integrations)
 for s in "${stages[@]}"; do
-  case "${s%%:*}" in hw|parity|tests|kernels|models|step|loss|sampling) ;;
-    *) echo "unknown stage '$s' (hw, parity, tests, kernels, step, loss, models, sampling; name[:seconds])" >&2; exit 2 ;; esac
+  case "${s%%:*}" in hw|parity|tests|kernels|models|step|loss|sampling|integrations) ;;
+    *) echo "unknown stage '$s' (hw, parity, tests, kernels, step, loss, models, sampling, integrations; name[:seconds])" >&2; exit 2 ;; esac
 done
 
 # The GPU image's python3 is itself a venv (/opt/torch/.venv): a venv made from it does not see its torch.
@@ -78,6 +79,7 @@ for stage in "${stages[@]}"; do
     loss) log="$out/bench_loss.log"; cmd=("${py[@]}" bench/bench_models.py -k "sitxl2_loss and fwd_bwd") ;;
     step) log="$out/bench_step.log"; cmd=("${py[@]}" bench/bench_train_step.py) ;;
     sampling) log="$out/bench_sampling.log"; cmd=("${py[@]}" bench/bench_sampling.py) ;;
+    integrations) log="$out/bench_integrations.log"; cmd=("${py[@]}" bench/bench_integrations.py) ;;
   esac
   { echo "# $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null) stage $s (${left}s left)"; nvidia-smi -L; } > "$log"
   timeout --signal=INT --kill-after=15 "$left" "${cmd[@]}" >> "$log" 2>&1; stage_rc=$?

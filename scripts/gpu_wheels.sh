@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build .wheels/ on the CPU machine (it reaches PyPI; the lent GPU machine reaches nothing): deepspeed,
-# lpips, torch-fidelity (the Inception of bench/bench_sampling.py), matplotlib and the dependencies the GPU
-# machine's Python 3.12 lacks, as wheels for cp312 manylinux x86_64 (~20 MB). Never torch or anything CUDA:
+# lpips, torch-fidelity (the Inception of bench/bench_sampling.py), matplotlib, diffusers (the models patched by
+# bench/bench_integrations.py) and the dependencies the GPU machine's Python 3.12 lacks, as wheels for cp312
+# manylinux x86_64 (~35 MB). Never torch or anything CUDA:
 # deepspeed, lpips and torch-fidelity come without their dependencies, the rest are resolved on their own (none
 # of them needs torch).
 #   bash scripts/gpu_wheels.sh        then   run(carry=[".wheels"], command="bash scripts/gpu_report.sh ...")
@@ -19,6 +20,13 @@ platform=(--python-version "$PYV" --implementation cp --only-binary=:all: --plat
 # matplotlib (the loss plot) without its numpy/pillow requirement: the GPU image's own numpy and pillow stay.
 .venv/bin/pip download -q --no-deps --dest .wheels "${platform[@]}" \
   matplotlib contourpy cycler fonttools kiwisolver pyparsing python-dateutil six
+# diffusers and huggingface-hub at this venv's versions, and their dependencies by name, all without resolving:
+# torch's own (filelock, fsspec, typing-extensions), numpy and pillow stay the GPU image's.
+hf_versions=$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('diffusers'), m.version('huggingface-hub'))")
+read -r diffusers_version hub_version <<< "$hf_versions"
+.venv/bin/pip download -q --no-deps --dest .wheels "${platform[@]}" "diffusers==$diffusers_version" \
+  "huggingface-hub==$hub_version" safetensors regex importlib_metadata zipp lazy-importer click hf-xet httpx2 httpcore2 \
+  h11 anyio idna truststore requests charset-normalizer urllib3 certifi pyyaml
 ds_version=$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('deepspeed'))")
 .venv/bin/pip wheel -q --no-deps --wheel-dir .wheels "deepspeed==$ds_version"
 if ls .wheels | grep -Eiq '^(torch|torchvision|triton)-|^nvidia_(cu|nccl|nvjitlink|nvtx)'; then
