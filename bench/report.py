@@ -38,21 +38,20 @@ def _header(folder: Path, any_row: dict) -> list[str]:
     return lines
 
 
-def report(folder: Path) -> str:
-    latest: dict[tuple, dict] = {}
-    for path in sorted(folder.glob("*.jsonl")):
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
-            latest[(row["op"], row["case"], row["mode"], row["provider"])] = row
-    if not latest:
-        return ""
-    lines = _header(folder, next(iter(latest.values())))
+NOT_KERNELS = ("model", "train_step", "sampling", "inception", "integrations", "data")
+"""Ops with their own tables below; every other op is a kernel."""
+
+
+def _kernel_table(latest: dict) -> list[str]:
+    """The kernel rows: triton vs eager vs torch.compile, GB/s and roofline."""
+    if not any(k[0] not in NOT_KERNELS for k in latest):
+        return []
+    lines: list[str] = []
     lines += [
         "| op | case | mode | triton ms | eager ms | compile ms | triton GB/s | roofline | vs eager | vs compile |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for op, case, mode in sorted({k[:3] for k in latest
-                                if k[0] not in ("model", "train_step", "sampling", "inception", "integrations")}):
+    for op, case, mode in sorted({k[:3] for k in latest if k[0] not in NOT_KERNELS}):
         rows = {p: latest.get((op, case, mode, p)) for p in ("triton", "eager", "compile")}
         ms = {p: (r["ms"][0] if r else float("nan")) for p, r in rows.items()}
         t = rows["triton"]
@@ -61,6 +60,12 @@ def report(folder: Path) -> str:
             f"{t['gbps'] if t else float('nan'):.0f} | {t['roofline'] if t else float('nan'):.0%} | "
             f"{ms['eager'] / ms['triton']:.2f}x | {ms['compile'] / ms['triton']:.2f}x |"
         )
+    return lines
+
+
+def _model_table(latest: dict) -> list[str]:
+    """Whole-model rows (bench/bench_models.py)."""
+    lines: list[str] = []
     models = sorted({k[1:3] for k in latest if k[0] == "model"})
     if models:
         providers = ("fused", "fused_compile", "eager", "compile", "original", "original_compile")
@@ -80,6 +85,12 @@ def report(folder: Path) -> str:
             lines.append(f"| {case} | {mode} | " + " | ".join(f"{ms[p]:.3f}" for p in providers) +
                          f" | {best['tflops']:.0f} | {best['mfu']:.0%} | {ms['eager'] / ref:.2f}x | "
                          f"{ms['compile'] / ref:.2f}x | {ms['original_compile'] / ref:.2f}x |")
+    return lines
+
+
+def _integration_table(latest: dict) -> list[str]:
+    """Patched foreign models (bench/bench_integrations.py)."""
+    lines: list[str] = []
     integrations = sorted({k[1:3] for k in latest if k[0] == "integrations"})
     if integrations:
         providers = ("eager", "patched", "compile", "patched_compile")
@@ -97,6 +108,12 @@ def report(folder: Path) -> str:
             lines.append(f"| {case} | {mode} | " + " | ".join(f"{ms[p]:.2f}" for p in providers) +
                          f" | {ms['eager'] / ms['patched']:.2f}x | {ms['compile'] / ms['patched_compile']:.2f}x | "
                          f"{tf:.0f} | {mem['eager']:.1f} / {mem['patched']:.1f} |")
+    return lines
+
+
+def _train_step_table(latest: dict) -> list[str]:
+    """The REPA-E train step rows (bench/bench_train_step.py)."""
+    lines: list[str] = []
     steps = [r for k, r in sorted(latest.items()) if k[0] == "train_step"]
     if steps:
         lines += ["", "## The REPA-E train step (one GPU, 10 burn-in + 20 timed steps)", "",
@@ -106,6 +123,12 @@ def report(folder: Path) -> str:
             split = ", ".join(f"{k} {v:.1f}" for k, v in r["split_ms"].items())
             lines.append(f"| {r['case']} | {r['provider']} | {r['engines']} | {r['ms'][0]:.1f} | "
                          f"{r['img_per_s']:.1f} | {r['peak_mem_gib']:.1f} | {split} |")
+    return lines
+
+
+def _sampling_table(latest: dict) -> list[str]:
+    """Sampling and Inception rows (bench/bench_sampling.py)."""
+    lines: list[str] = []
     sampling = [r for k, r in sorted(latest.items()) if k[0] in ("sampling", "inception")]
     if sampling:
         lines += ["", "## Sampling and evaluation (images/s per batch; bench/bench_sampling.py)", "",
@@ -119,6 +142,33 @@ def report(folder: Path) -> str:
                      f"{r['decode_ms'][0]:.1f}" if r.get("composed") else "- | - | - | -")
             lines.append(f"| {r['op']} | {r['case']} | {r['mode']} | {r['provider']} | {r['precision']} | "
                          f"{r['img_per_s']:.2f} | {r['ms'][0]:.1f} | {parts} |")
+    return lines
+
+
+def _data_table(latest: dict) -> list[str]:
+    """Data-source rows (bench/bench_data.py): images/s per source."""
+    rows = [r for k, r in sorted(latest.items()) if k[0] == "data"]
+    if not rows:
+        return []
+    lines = ["", "## Data sources (images/s; bench/bench_data.py)", "", "| case | source | mode | workers | img/s |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['case']} | {r['provider']} | {r['mode']} | {r.get('workers', '-')} | {r['img_per_s']:.0f} |"
+              for r in rows]
+    return lines
+
+
+def report(folder: Path) -> str:
+    latest: dict[tuple, dict] = {}
+    for path in sorted(folder.glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            latest[(row["op"], row["case"], row["mode"], row["provider"])] = row
+    if not latest:
+        return ""
+    lines = _header(folder, next(iter(latest.values())))
+    for table in (_kernel_table, _model_table, _integration_table, _train_step_table, _sampling_table,
+                  _data_table):
+        lines += table(latest)
     return "\n".join(lines) + "\n"
 
 
