@@ -2,16 +2,50 @@
 
     flops = count_flops(lambda: sit(z, y, t, noise))        # build the model and inputs under torch.device("meta")
     peak = peak_bf16_tflops(torch.cuda.get_device_name())    # 989.0 on an H100 / H200, None when unknown
+    by_family = flops_by_family(counter.get_flop_counts()["Global"])   # {"gemm": ..., "conv": ..., "attention": ...}
 
-Used by the trainer's MFU estimate and by bench/. Holds no model or timing code.
+Used by the trainer's MFU estimate, the run planner (train/plan.py: GPU_SPECS) and bench/. Holds no model or
+timing code.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+@dataclass(frozen=True)
+class GPUSpec:
+    """A GPU's spec-sheet ceilings (dense, no sparsity), the planner's roofline."""
+
+    name: str
+    match: str
+    """Substring of torch.cuda.get_device_name() that identifies the part."""
+    bf16_tflops: float
+    """Dense bf16 tensor-core peak, TFLOP/s."""
+    hbm_gbps: float
+    """Nominal HBM bandwidth, GB/s (a device-to-device copy reaches less: bench/ceilings.py measures it)."""
+    memory_gb: float
+    """HBM capacity as the data sheet states it, GB."""
+
+
+GPU_SPECS = {
+    # NVIDIA H100 Tensor Core GPU datasheet, SXM column: bf16 1,979 TFLOPS with sparsity (989 dense), 3.35 TB/s, 80 GB.
+    "h100": GPUSpec("H100 SXM 80GB", "H100", 989.0, 3350.0, 80.0),
+    # NVIDIA H200 Tensor Core GPU datasheet, SXM column: bf16 1,979 TFLOPS with sparsity, 4.8 TB/s, 141 GB.
+    "h200": GPUSpec("H200 SXM 141GB", "H200", 989.0, 4800.0, 141.0),
+    # NVIDIA A100 Tensor Core GPU datasheet, 80GB SXM column: bf16 312 TFLOPS (624 with sparsity), 2,039 GB/s.
+    "a100": GPUSpec("A100 SXM 80GB", "A100", 312.0, 2039.0, 80.0),
+    # NVIDIA DGX B200 datasheet, per GPU (1/8 of the system): 1,440 GB and 64 TB/s in all; HGX B200 bf16
+    # 18 PFLOPS with sparsity for 8 GPUs, i.e. 2.25 PFLOPS dense per GPU.
+    "b200": GPUSpec("B200 (HGX/DGX B200)", "B200", 2250.0, 8000.0, 180.0),
+}
+"""Spec-sheet ceilings by the planner's --gpu name (python -m repae.train.plan)."""
+
+PEAK_BF16_TFLOPS = {s.match: s.bf16_tflops for s in GPU_SPECS.values()}
 """Dense bf16 tensor-core peaks (spec sheets, SXM parts) by a substring of torch.cuda.get_device_name()."""
+
+FLOP_FAMILIES = ("gemm", "conv", "attention")
 
 
 def peak_bf16_tflops(device_name: str) -> float | None:
@@ -28,3 +62,22 @@ def count_flops(fn: Callable[[], object]) -> int:
     with counter:
         fn()
     return counter.get_total_flops()
+
+
+def op_family(op: object) -> str:
+    """The family of an op FlopCounterMode counts: conv (aten.convolution and its backward), attention (the SDPA
+    kernels, and bmm: in this repository's models only attention multiplies batched matrices), else gemm."""
+    name = str(op)
+    if "convolution" in name:
+        return "conv"
+    if "attention" in name or "bmm" in name:
+        return "attention"
+    return "gemm"
+
+
+def flops_by_family(counts: Mapping[object, int]) -> dict[str, int]:
+    """{op: flops} (FlopCounterMode.get_flop_counts()["Global"]) summed per FLOP_FAMILIES entry."""
+    out = dict.fromkeys(FLOP_FAMILIES, 0)
+    for op, n in counts.items():
+        out[op_family(op)] += n
+    return out

@@ -18,6 +18,7 @@ eval mode (the original calls self.eval() on every call), so its dropout is inac
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -242,7 +243,10 @@ class LPIPS(nn.Module):
         if self.lin0.model[1].weight.dtype != torch.float32:
             raise ValueError(f"LPIPS parameters are {self.lin0.model[1].weight.dtype}, expected torch.float32 "
                              "(do not cast the LPIPS module; it computes in fp32)")
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        # Meta tensors (FLOP counting, train/plan.py) have no autocast: nothing to switch off there.
+        fp32 = (contextlib.nullcontext() if x.device.type == "meta"
+                else torch.autocast(device_type=x.device.type, enabled=False))
+        with fp32:
             x, x_hat = x.float(), x_hat.float()
             if self.double_rescale:
                 # PARITY: REPA-E's initial commit (loss/lpips.py forward) maps inputs it believes are in [0, 1] to
