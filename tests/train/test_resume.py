@@ -26,6 +26,15 @@ def losses(trainer):
     return {k: [v for _, v in series] for k, series in trainer.history.items() if k.endswith("loss")}
 
 
+def assert_same_run(straight, resumed) -> None:
+    """Weights, EMA and optimizer states bitwise equal, and the same logged losses."""
+    a, b = final_state(straight), final_state(resumed)
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert losses(straight) == losses(resumed)
+
+
 def test_resume_is_bit_identical(tmp_path, ds_world):
     from repae.train.trainer import Trainer
 
@@ -38,11 +47,7 @@ def test_resume_is_bit_identical(tmp_path, ds_world):
     resumed = Trainer(tiny_config(tmp_path / "b", *common))
     resumed.fit()
     assert resumed.step == 4
-    a, b = final_state(straight), final_state(resumed)
-    assert a.keys() == b.keys() and len(a) > 0
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    assert losses(straight) == losses(resumed)
+    assert_same_run(straight, resumed)
 
 
 def test_crash_during_checkpoint_write_keeps_the_previous_one(tmp_path, ds_world, monkeypatch):
