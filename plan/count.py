@@ -37,10 +37,10 @@ from repae.model.lpips import LPIPS
 from repae.model.sit import SiT
 from repae.model.vae import build_vae
 
-from . import step as step_module
-from .config import TrainConfig, load_config
-from .ema import EMA
-from .step import StepInputs, StepModels, StepSettings
+from repae.train import step as step_module
+from repae.train.config import TrainConfig, load_config
+from repae.train.ema import EMA
+from repae.train.step import StepInputs, StepModels, StepSettings
 
 PHASES = ("dinov2", "vae_forward", "lpips_gan_loss", "align_forward", "vae_backward_step", "disc", "sit_forward",
           "sit_backward_step", "ema")

@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from repae.model.flops import GPU_SPECS, flops_by_family
 from repae.model.vae import build_vae
 from repae.train.config import load_config
-from repae.train.plan import PHASES, count_step_flops, main
+from repae.plan.count import PHASES, count_step_flops, main
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "sitxl_repae.json"
@@ -97,7 +97,7 @@ def test_every_phase_is_counted(step_flops):
 
 
 def test_command_prints_every_phase():
-    out = subprocess.run([sys.executable, "-m", "repae.train.plan", "--config", str(CONFIG)], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "repae.plan", "--config", str(CONFIG)], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     for name in PHASES:

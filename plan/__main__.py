@@ -1,0 +1,5 @@
+import sys
+
+from repae.plan.count import main
+
+sys.exit(main())
