@@ -27,18 +27,34 @@ class GPUSpec:
     """Nominal HBM bandwidth, GB/s (a device-to-device copy reaches less: bench/ceilings.py measures it)."""
     memory_gb: float
     """HBM capacity as the data sheet states it, GB."""
+    tf32_tflops: float
+    """Dense TF32 tensor-core peak, TFLOP/s (the data sheets print it with sparsity: half of that)."""
+    fp32_tflops: float
+    """FP32 peak of the CUDA cores (no tensor cores), TFLOP/s: the ceiling of elementwise fp32 work."""
+    nvlink_gbps: float
+    """NVLink bandwidth per GPU and per direction, GB/s (half the data sheet's bidirectional total)."""
+    network_gbps: float
+    """Bandwidth per GPU and per direction to other nodes, GB/s: the reference system's compute NIC per GPU."""
+    gpus_per_node: int
+    """GPUs that share one NVLink domain in the reference system (DGX/HGX: 8)."""
 
 
 GPU_SPECS = {
-    # NVIDIA H100 Tensor Core GPU datasheet, SXM column: bf16 1,979 TFLOPS with sparsity (989 dense), 3.35 TB/s, 80 GB.
-    "h100": GPUSpec("H100 SXM 80GB", "H100", 989.0, 3350.0, 80.0),
-    # NVIDIA H200 Tensor Core GPU datasheet, SXM column: bf16 1,979 TFLOPS with sparsity, 4.8 TB/s, 141 GB.
-    "h200": GPUSpec("H200 SXM 141GB", "H200", 989.0, 4800.0, 141.0),
-    # NVIDIA A100 Tensor Core GPU datasheet, 80GB SXM column: bf16 312 TFLOPS (624 with sparsity), 2,039 GB/s.
-    "a100": GPUSpec("A100 SXM 80GB", "A100", 312.0, 2039.0, 80.0),
-    # NVIDIA DGX B200 datasheet, per GPU (1/8 of the system): 1,440 GB and 64 TB/s in all; HGX B200 bf16
-    # 18 PFLOPS with sparsity for 8 GPUs, i.e. 2.25 PFLOPS dense per GPU.
-    "b200": GPUSpec("B200 (HGX/DGX B200)", "B200", 2250.0, 8000.0, 180.0),
+    # NVIDIA H100 Tensor Core GPU datasheet, SXM column: bf16 1,979 TFLOPS with sparsity (989 dense), 3.35 TB/s, 80 GB;
+    # TF32 989 with sparsity (494.5 dense), FP32 67 TFLOPS, NVLink 900 GB/s (450 each way). DGX H100 datasheet: 8
+    # single-port ConnectX-7 at 400 Gb/s for the compute fabric, one per GPU = 50 GB/s each way.
+    "h100": GPUSpec("H100 SXM 80GB", "H100", 989.0, 3350.0, 80.0, 494.5, 67.0, 450.0, 50.0, 8),
+    # NVIDIA H200 Tensor Core GPU datasheet, SXM column: bf16 1,979 TFLOPS with sparsity, 4.8 TB/s, 141 GB; TF32 989
+    # with sparsity, FP32 67 TFLOPS, NVLink 900 GB/s (the H100's compute and links). DGX H200: 8 ConnectX-7 at 400 Gb/s.
+    "h200": GPUSpec("H200 SXM 141GB", "H200", 989.0, 4800.0, 141.0, 494.5, 67.0, 450.0, 50.0, 8),
+    # NVIDIA A100 Tensor Core GPU datasheet, 80GB SXM column: bf16 312 TFLOPS (624 with sparsity), 2,039 GB/s; TF32 156
+    # (312 with sparsity), FP32 19.5 TFLOPS, NVLink 600 GB/s (300 each way). DGX A100 datasheet: 8 single-port
+    # ConnectX-6 HDR InfiniBand at 200 Gb/s for the compute fabric, one per GPU = 25 GB/s each way.
+    "a100": GPUSpec("A100 SXM 80GB", "A100", 312.0, 2039.0, 80.0, 156.0, 19.5, 300.0, 25.0, 8),
+    # NVIDIA DGX B200 datasheet, per GPU (1/8 of the system): 1,440 GB and 64 TB/s in all; 8 single-port ConnectX-7
+    # at 400 Gb/s, one per GPU = 50 GB/s each way. HGX B200 per-GPU figures: bf16 4.5 PFLOPS with sparsity (2.25 dense),
+    # TF32 2.2 PFLOPS with sparsity (1.1 dense), FP32 80 TFLOPS, fifth-generation NVLink 1.8 TB/s (900 GB/s each way).
+    "b200": GPUSpec("B200 (HGX/DGX B200)", "B200", 2250.0, 8000.0, 180.0, 1100.0, 80.0, 900.0, 50.0, 8),
 }
 """Spec-sheet ceilings by the planner's --gpu name (python -m repae.train.plan)."""
 

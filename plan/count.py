@@ -194,7 +194,7 @@ def gpu_spec(a: argparse.Namespace) -> GPUSpec:
         return GPU_SPECS[a.gpu]
     if a.peak_tflops is None or a.peak_tflops <= 0:
         raise ValueError("--gpu custom needs --peak-tflops > 0 (and optionally --hbm-gbps, --memory-gb)")
-    return GPUSpec("custom", "", a.peak_tflops, a.hbm_gbps or 0.0, a.memory_gb or 0.0)
+    return GPUSpec("custom", "", a.peak_tflops, a.hbm_gbps or 0.0, a.memory_gb or 0.0, 0.0, 0.0, 0.0, 0.0, 8)
 
 
 def main(argv=None) -> int:
