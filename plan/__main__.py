@@ -1,5 +1,5 @@
 import sys
 
-from repae.plan.count import main
+from repae.plan.cli import main
 
 sys.exit(main())

@@ -137,11 +137,12 @@ def _drop_gradients(modules: list[nn.Module]) -> None:
                 p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
 
 
-def trace_step(cfg: TrainConfig, batch: int, *, backend: str = "triton", fake: bool = True) -> StepTrace:
+def trace_step(cfg: TrainConfig, batch: int, *, backend: str = "triton", precision: str | None = None,
+               fake: bool = True) -> StepTrace:
     """Run one REPA-E train_step of `cfg` at per-rank batch `batch` on fake tensors under a CostCounter. The GAN
-    term is on (the step is taken at loss.vae.discriminator_start, the steady state); backend: "triton" (our fused
-    kernels) or "eager". fake=False runs it on real CPU tensors with random weights (small configs: the tests
-    compare the counted memory with the allocator's)."""
+    term is on (the step is taken at loss.vae.discriminator_start, the steady state). backend: "triton" (our fused
+    kernels) or "eager"; precision: the autocast precision (default schedule.precision). fake=False runs it on real
+    CPU tensors with random weights (small configs: the tests compare the counted memory with the allocator's)."""
     if cfg.stage != "repae":
         raise ValueError(f"config key stage={cfg.stage!r}: the planner traces the REPA-E step (stage=repae) only")
     if batch < 2:
@@ -150,7 +151,7 @@ def trace_step(cfg: TrainConfig, batch: int, *, backend: str = "triton", fake: b
     latent = (batch, configs.sit.in_channels, configs.sit.input_size, configs.sit.input_size)
     settings = StepSettings(vae_loss=cfg.loss.vae, proj_coeff=cfg.loss.proj_coeff,
                             vae_align_proj_coeff=cfg.loss.vae_align_proj_coeff, ema_decay=cfg.schedule.ema_decay,
-                            precision=cfg.schedule.precision, kernel_backend=backend)
+                            precision=precision or cfg.schedule.precision, kernel_backend=backend)
     counter, mode = CostCounter(tf32=cfg.schedule.tf32), (FakeTensorMode() if fake else None)
     models, params, frozen = _build(cfg, backend, mode)
     with ExitStack() as stack:

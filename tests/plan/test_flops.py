@@ -1,4 +1,4 @@
-"""The run planner (train/plan.py): its FLOP counts against analytic counts written out here, and the command.
+"""The run planner's FLOP counts (plan/trace.py, plan/roofline.py) against analytic counts written out here.
 
 The SiT-XL/2 count is the textbook one (linear layers 24 d^2 T L, attention 4 T^2 d L, plus the adaLN, embedder,
 projector and final-layer matmuls); the VAE's conv count is a hand list of the f8d4 layers. Both to 1 %.
@@ -8,19 +8,17 @@ projector and final-layer matmuls); the VAE's conv count is a hand list of the f
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from repae.model.flops import GPU_SPECS, flops_by_family
+from repae.model.flops import flops_by_family
 from repae.model.vae import build_vae
+from repae.plan.roofline import flops_per_image
+from repae.plan.trace import PHASES, trace_step
 from repae.train.config import load_config
-from repae.plan.count import PHASES, count_step_flops, main
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "sitxl_repae.json"
@@ -28,7 +26,7 @@ CONFIG = ROOT / "configs" / "sitxl_repae.json"
 
 @pytest.fixture(scope="module")
 def step_flops() -> dict[str, dict[str, float]]:
-    return count_step_flops(load_config(CONFIG))
+    return flops_per_image(trace_step(load_config(CONFIG), 2))
 
 
 def sit_xl2_forward_flops(T=256, d=1152, L=28, p=2, C=4, freq=256, proj=2048, z=768) -> int:
@@ -94,28 +92,3 @@ def test_every_phase_is_counted(step_flops):
     for name in ("dinov2", "vae_forward", "lpips_gan_loss", "align_forward", "vae_backward_step", "disc"):
         assert sum(step_flops[name].values()) > 0, name
     assert all(v >= 0 for fam in step_flops.values() for v in fam.values())
-
-
-def test_command_prints_every_phase():
-    out = subprocess.run([sys.executable, "-m", "repae.plan", "--config", str(CONFIG)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    for name in PHASES:
-        assert name in out.stdout
-    assert "compute floor" in out.stdout and "not counted yet" in out.stdout
-
-
-def test_json_and_gpu_table(capsys):
-    assert main(["--config", str(CONFIG), "--gpu", "h200", "--gpus", "8", "--json"]) == 0
-    plan = json.loads(capsys.readouterr().out)
-    assert list(plan["phases"]) == list(PHASES) and plan["images_per_gpu"] == 32
-    assert plan["gpu"]["hbm_gbps"] == GPU_SPECS["h200"].hbm_gbps
-    total = plan["total"]
-    assert total["floor_ms_per_step"] == pytest.approx(total["gflop_per_image"] * 1e9 * 32 / 989e12 * 1e3)
-
-
-def test_bad_arguments_are_one_line_errors(capsys):
-    assert main(["--config", str(CONFIG), "--gpus", "3"]) == 2  # 256 images do not split over 3 GPUs
-    assert main(["--config", str(CONFIG), "--gpu", "custom"]) == 2  # no --peak-tflops
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and all(line.startswith("error: ") for line in err)
