@@ -112,17 +112,38 @@ def _integration_table(latest: dict) -> list[str]:
 
 
 def _train_step_table(latest: dict) -> list[str]:
-    """The REPA-E train step rows (bench/bench_train_step.py)."""
-    lines: list[str] = []
+    """The REPA-E train step rows (bench/bench_train_step.py): one line per row, then each phase measured / floor."""
     steps = [r for k, r in sorted(latest.items()) if k[0] == "train_step"]
-    if steps:
-        lines += ["", "## The REPA-E train step (one GPU, 10 burn-in + 20 timed steps)", "",
-                  "| case | kernels | engines | ms/step | img/s | peak GiB | split (ms) |",
-                  "|---|---|---|---|---|---|---|"]
+    if not steps:
+        return []
+    lines = ["", "## The REPA-E train step (one GPU, 10 burn-in + 20 timed steps)", "",
+             "Floor: the run planner's roofline time per phase on the spec sheet of the GPU named (repae.plan, no",
+             "communication); x floor = measured / floor. Rows older than the floor show '-'.", "",
+             "| case | kernels | engines | ms/step | img/s | peak GiB | floor on | floor ms | x floor |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in steps:
+        floor = r.get("floor_ms")  # None in rows older than the floor, and on a GPU GPU_SPECS lacks
+        floor_cols = f"{floor:.1f} | {r['ms'][0] / floor:.2f}" if floor else "- | -"
+        lines.append(f"| {r['case']} | {r['provider']} | {r['engines']} | {r['ms'][0]:.1f} | {r['img_per_s']:.1f} | "
+                     f"{r['peak_mem_gib']:.1f} | {r.get('floor_gpu') or '-'} | {floor_cols} |")
+    notes = [f"{r['provider']} {r['case']}: no floor, {r['floor_note']}." for r in steps if r.get("floor_note")]
+    return lines + [""] + notes + [""] * bool(notes) + _phase_table(steps)
+
+
+def _phase_table(steps: list[dict]) -> list[str]:
+    """Phases down, one column per train-step row, each cell `measured / floor (x)` in ms; '-' for what a row lacks."""
+    # Phase names in the order the rows give them; a dict keeps the first place of each.
+    phases = dict.fromkeys(p for r in steps for p in (*r["split_ms"], *(r.get("predicted_ms") or {})))
+    lines = ["| phase | " + " | ".join(f"{r['provider']} {r['case']}: measured / floor ms" for r in steps) + " |",
+             "|---|" + "---|" * len(steps)]
+    for phase in phases:
+        cells = []
         for r in steps:
-            split = ", ".join(f"{k} {v:.1f}" for k, v in r["split_ms"].items())
-            lines.append(f"| {r['case']} | {r['provider']} | {r['engines']} | {r['ms'][0]:.1f} | "
-                         f"{r['img_per_s']:.1f} | {r['peak_mem_gib']:.1f} | {split} |")
+            measured, floor = r["split_ms"].get(phase), (r.get("predicted_ms") or {}).get(phase)
+            cell = "-" if measured is None else f"{measured:.1f}"
+            cell += " / -" if floor is None else f" / {floor:.1f}"
+            cells.append(cell + (f" ({measured / floor:.1f}x)" if measured is not None and floor else ""))
+        lines.append(f"| {phase} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -121,3 +121,40 @@ def test_integration_bench_builder_runs(name, provider, mode):
     assert ("1 modules patched" in report) == (provider == "patched"), report
     if mode == "fwd_bwd":
         assert all(t.grad is not None for t in bench.grad_to_none)
+
+
+def test_train_step_floor_fields_and_report(monkeypatch, tmp_path):
+    """bench_train_step's floor fields (a GPU GPU_SPECS lacks gives nulls and the reason; a known one the planner's
+    phases and their sum), its printed lines, and report.py's train-step tables for a row with the floor, an older
+    row without it and a row whose floor is null. The planner itself is stubbed: tests/plan checks its numbers."""
+    import json
+
+    from bench_train_step import floor_fields, phase_lines
+    from report import report
+
+    import repae.plan.report
+
+    predicted = {"dinov2": 4.0, "vae_forward": 50.0, "ema": 2.5}
+    monkeypatch.setattr(repae.plan.report, "predicted_phase_ms", lambda cfg, gpu, *, batch, backend: predicted)
+    unknown = floor_fields(None, "Some Future GPU", "triton")
+    assert unknown["predicted_ms"] is None and unknown["floor_ms"] is None and "GPU_SPECS" in unknown["floor_note"]
+    known = floor_fields(None, "NVIDIA H100 80GB HBM3", "triton")
+    assert known == {"floor_gpu": "H100 SXM 80GB", "predicted_ms": predicted, "floor_ms": 56.5, "floor_note": None}
+
+    split = {"dinov2": 8.0, "vae_forward": 100.0}
+    lines = phase_lines(split, known["predicted_ms"])
+    assert any(line.split() == ["dinov2", "8.00", "4.00", "2.00"] for line in lines), lines
+    assert any(line.split() == ["ema", "-", "2.50", "-"] for line in lines), lines
+    assert phase_lines(split, None)[1].split() == ["dinov2", "8.00", "-", "-"]
+
+    base = dict(op="train_step", case="sitxl2_f8d4_b32", mode="step", ms=[226.0] * 3, img_per_s=141.6,
+                peak_mem_gib=50.0, engines="plain", gpu="NVIDIA H100 80GB HBM3", torch="2", triton="3", git_sha="0",
+                date_utc="2026-01-01T00:00:00Z", split_ms=split)
+    rows = [dict(base, provider="eager"), dict(base, provider="triton", **known),
+            dict(base, case="other_gpu", provider="triton", **unknown)]
+    (tmp_path / "train_step.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = report(tmp_path)
+    assert "| sitxl2_f8d4_b32 | triton | plain | 226.0 | 141.6 | 50.0 | H100 SXM 80GB | 56.5 | 4.00 |" in text
+    assert "| sitxl2_f8d4_b32 | eager | plain | 226.0 | 141.6 | 50.0 | - | - | - |" in text
+    assert "| dinov2 | 8.0 / - | 8.0 / - | 8.0 / 4.0 (2.0x) |" in text  # rows sorted by case, then kernels
+    assert "no floor, 'Some Future GPU' matches no row" in text
