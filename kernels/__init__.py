@@ -10,6 +10,7 @@ the public names. The Triton modules are imported on the first Triton call, so i
 neither a GPU nor the interpreter flag at import time.
 """
 
+from ._library import as_custom_ops
 from .adaln_ref import adaln_ref, make_adaln_inputs
 from .functional import (
     BACKENDS,
@@ -44,6 +45,7 @@ __all__ = [
     "REPALoss",
     "StatsHook",
     "adaln",
+    "as_custom_ops",
     "autocast_out_dtype",
     "adaln_ref",
     "allreduce_stats_hook",

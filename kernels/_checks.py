@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _launch
+from . import _launch, _library
 from .adaln_ref import NORMS
 from .latent_bn_ref import PATH_TYPES
 
@@ -54,7 +54,7 @@ def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
 
 def check_runnable(device: torch.device) -> None:
     """Raise ValueError when Triton cannot run on this device (CPU without the interpreter)."""
-    if device.type == "cuda" or (device.type == "cpu" and _launch.interpreter_on()):
+    if device.type == "cuda" or (device.type == "cpu" and (_launch.interpreter_on() or _library.as_ops_on())):
         return
     raise ValueError(
         f"the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got a tensor on "

@@ -20,10 +20,32 @@ inputs (an op's output may not alias an input). Where a mode has no output it re
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
+
+_as_ops = False
+
+
+def as_ops_on() -> bool:
+    """Whether launchers are being called as their custom ops (inside `as_custom_ops()`)."""
+    return _as_ops
+
+
+@contextlib.contextmanager
+def as_custom_ops() -> Iterator[None]:
+    """Inside: every launcher is called as its repae:: op, as while torch.compile traces, and the triton backend
+    accepts CPU tensors. Under torch's FakeTensorMode the ops then run their fake (shape-only) kernels, so a tool
+    can trace our kernels without a GPU (the run planner, docs/PLANNING.md#how-the-planner-counts). On real CPU
+    tensors without the interpreter the launch itself would fail: this is for fake tensors."""
+    global _as_ops
+    before, _as_ops = _as_ops, True
+    try:
+        yield
+    finally:
+        _as_ops = before
 
 
 def placeholder(like: torch.Tensor) -> torch.Tensor:
@@ -45,7 +67,7 @@ def registered_launcher(name: str, schema: str, fake: Callable, mutates_args: tu
 
         @functools.wraps(launch)
         def call(*args, **eager_only):
-            if torch.compiler.is_compiling():
+            if _as_ops or torch.compiler.is_compiling():
                 assert all(v is None for v in eager_only.values()), f"repae::{name}: {list(eager_only)} while compiling"
                 return op(*args)
             return launch(*args, **eager_only)

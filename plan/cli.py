@@ -52,6 +52,14 @@ def _family_table(plan: dict) -> list[str]:
     return lines
 
 
+def _memory_bound_table(plan: dict) -> list[str]:
+    head = f"{'memory-bound ops (where fusion pays)':<44} {'calls':>6} {'GB moved':>9} {'floor ms':>9}  main phase"
+    lines = [head, "-" * len(head)]
+    for r in plan["memory_bound_ops"]:
+        lines.append(f"{r['op']:<44} {r['calls']:>6} {r['gbyte']:>9.1f} {r['floor_ms']:>9.2f}  {r['main_phase']}")
+    return lines
+
+
 def _memory_table(plan: dict) -> list[str]:
     m = plan["memory"]
     parts = list(next(iter(m["engines"].values())))
@@ -92,8 +100,9 @@ def _summary(plan: dict) -> list[str]:
 
 
 def format_plan(plan: dict) -> str:
-    """The plan as text: head, phases, floor by family, memory, communication, summary."""
-    blocks = [_head(plan), _phase_table(plan), _family_table(plan), _memory_table(plan), _comm_lines(plan),
+    """The plan as text: head, phases, floor by family, the top memory-bound ops, memory, communication, summary."""
+    blocks = [_head(plan), _phase_table(plan), _family_table(plan), _memory_bound_table(plan), _memory_table(plan),
+              _comm_lines(plan),
               _summary(plan)]
     return "\n\n".join("\n".join(b) for b in blocks)
 

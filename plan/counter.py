@@ -95,6 +95,17 @@ def _storage_key(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
 
+def _written_arguments(func, args, kwargs) -> list[torch.Tensor]:
+    """The tensors an in-place or out= op writes: the arguments its schema marks as written (Tensor(a!))."""
+    out = []
+    for i, a in enumerate(func._schema.arguments):
+        if a.alias_info is None or not a.alias_info.is_write:
+            continue
+        value = kwargs.get(a.name) if (a.kwarg_only or i >= len(args)) else args[i]
+        out += _tensors(value)
+    return out
+
+
 def classify(name: str, has_formula: bool) -> str:
     """The family of an aten or custom op by its name (`aten.add.Tensor` -> elementwise)."""
     if name.startswith("repae."):
@@ -171,8 +182,9 @@ class CostCounter(TorchDispatchMode):
             self._allocated(t)
         if base in _FREE_OPS or (not new and not func._schema.is_mutable):  # views, metadata, allocations
             return out
-        written = new if new else [t for t in outputs if _storage_key(t) in in_keys]
-        read = [t for t in inputs if not (base.endswith(_WRITE_ONLY) and t is args[0])]
+        mutated = _written_arguments(func, args, kwargs)
+        written = new + [t for t in mutated if not any(t is n for n in new)]
+        read = [t for t in inputs if not (base.endswith(_WRITE_ONLY) and any(t is m for m in mutated))]
         nbytes = sum(map(tensor_bytes, read)) + sum(map(tensor_bytes, written))
         family = classify(name, func.overloadpacket in self._formulas or base in _ATTENTION_ALIASES)
         biggest = max((t.numel() for t in inputs + outputs), default=0)

@@ -17,7 +17,7 @@ from repae.train.config import TrainConfig
 
 from . import resources
 from .counter import FAMILIES
-from .roofline import optimizer_records, phase_rows
+from .roofline import memory_bound_ops, optimizer_records, phase_rows
 from .trace import ENGINES, StepTrace, trace_step
 
 UPDATE_PHASE = {"sit": "sit_backward_step", "vae": "vae_backward_step", "disc": "disc"}
@@ -129,6 +129,7 @@ def make_plan(cfg: TrainConfig, gpu: GPUSpec, num_gpus: int, *, recipe: str = "o
             "step": {"floor_ms": floor_s * 1e3, "floor_with_comm_ms": step_s * 1e3,
                      "img_per_s_per_gpu": trace.batch / floor_s, "tflop": flops / 1e12,
                      "mfu_at_floor": flops / floor_s / (gpu.bf16_tflops * 1e12)},
+            "memory_bound_ops": memory_bound_ops(trace, gpu),
             "memory": _memory(trace, rec, num_gpus), "communication": comm,
             "schedule": {"steps": cfg.schedule.max_steps,
                          "at_floor": resources.schedule_cost(floor_s, cfg.schedule.max_steps, num_gpus),

@@ -95,3 +95,24 @@ def flops_per_image(trace: StepTrace) -> dict[str, dict[str, float]]:
                 fam[r.family] += r.flops / trace.batch
         out[name] = fam
     return out
+
+
+def memory_bound_ops(trace: StepTrace, gpu: GPUSpec, k: int = 12) -> list[dict]:
+    """The k ops (by aten name, summed over the step) that spend the most floor time bound by HBM bandwidth: where
+    fusion would pay. Each: op, calls, GB moved, floor ms, and the phase holding most of its time."""
+    by_op: dict[str, dict] = {}
+    for name, phase in trace.phases.items():
+        for r in phase.records:
+            compute, memory = op_seconds(r, gpu)
+            if memory <= compute:
+                continue
+            row = by_op.setdefault(r.op, {"op": r.op, "family": r.family, "calls": 0, "gbyte": 0.0, "floor_ms": 0.0,
+                                          "by_phase": {}})
+            row["calls"] += 1
+            row["gbyte"] += r.bytes / 1e9
+            row["floor_ms"] += memory * 1e3
+            row["by_phase"][name] = row["by_phase"].get(name, 0.0) + memory * 1e3
+    top = sorted(by_op.values(), key=lambda row: -row["floor_ms"])[:k]
+    for row in top:
+        row["main_phase"] = max(row.pop("by_phase").items(), key=lambda kv: kv[1])[0]
+    return top

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from repae.kernels import as_custom_ops
 from repae.model.discriminator import build_discriminator
 from repae.model.encoders import DINOv2Encoder, parse_enc_type
 from repae.model.losses import LeCamEMA
@@ -158,12 +159,9 @@ def trace_step(cfg: TrainConfig, batch: int, *, backend: str = "triton", precisi
         if fake:
             stack.enter_context(mode)
         if backend == "triton" and fake:
-            # Our kernels are called as their repae:: custom ops (what a launcher does while torch.compile traces),
-            # so fake tensors reach the ops' shape functions and nothing launches.
-            from repae.kernels import _launch
-
-            stack.enter_context(mock.patch.object(_launch, "interpreter_on", lambda: True))
-            stack.enter_context(mock.patch.object(torch.compiler, "is_compiling", lambda: True))
+            # Our kernels are called as their repae:: custom ops, so fake tensors reach the ops' shape functions
+            # and nothing launches.
+            stack.enter_context(as_custom_ops())
         # The step's one host sync (is the loss finite?) has no value to read on fake tensors: every update runs.
         stack.enter_context(mock.patch.object(step_module, "finite_on_all_ranks", lambda loss: True))
         _drop_gradients([models.sit.module, models.vae.module, models.disc.module])

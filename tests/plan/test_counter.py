@@ -158,3 +158,22 @@ def test_tracked_peak_of_the_real_step_is_the_allocators(precision):
     assert live == 0  # everything the step allocated was freed or accounted: the span is closed
     assert tracked > 10e6  # the 64-px VAE's activations: the check is not vacuous
     assert tracked == pytest.approx(allocated, rel=0.01)
+
+
+def test_our_kernels_are_counted_as_one_fused_op_on_fake_tensors():
+    """as_custom_ops(): the triton backend on fake CPU tensors runs the repae:: op's shape function; the counter
+    records one fused op that reads x once and writes h once (plus its small per-row statistics)."""
+    from repae.kernels import adaln, as_custom_ops
+
+    B, T, D = 3, 7, 40
+    with FakeTensorMode(), as_custom_ops():
+        x, shift, scale = torch.randn(B, T, D), torch.randn(B, D), torch.randn(B, D)
+        counter = CostCounter(tf32=True)
+        with counter:
+            _, h = adaln(x, shift, scale, backend="triton")
+            counter.mark("p")
+    assert h.shape == (B, T, D)
+    (record,) = counter.phases["p"].records
+    assert record.op.startswith("repae.adaln") and record.family == "fused"
+    io = 4 * (2 * B * T * D + 2 * B * D)  # x in, h out, shift and scale in
+    assert io <= record.bytes <= io + 4 * 2 * B * T * 2  # + at most two fp32/fp64 statistics per row
