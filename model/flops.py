@@ -4,7 +4,7 @@
     peak = peak_bf16_tflops(torch.cuda.get_device_name())    # 989.0 on an H100 / H200, None when unknown
     by_family = flops_by_family(counter.get_flop_counts()["Global"])   # {"gemm": ..., "conv": ..., "attention": ...}
 
-Used by the trainer's MFU estimate, the run planner (train/plan.py: GPU_SPECS) and bench/. Holds no model or
+Used by the trainer's MFU estimate, the run planner (plan/: GPU_SPECS) and bench/. Holds no model or
 timing code.
 """
 
@@ -56,7 +56,7 @@ GPU_SPECS = {
     # TF32 2.2 PFLOPS with sparsity (1.1 dense), FP32 80 TFLOPS, fifth-generation NVLink 1.8 TB/s (900 GB/s each way).
     "b200": GPUSpec("B200 (HGX/DGX B200)", "B200", 2250.0, 8000.0, 180.0, 1100.0, 80.0, 900.0, 50.0, 8),
 }
-"""Spec-sheet ceilings by the planner's --gpu name (python -m repae.train.plan)."""
+"""Spec-sheet ceilings by the planner's --gpu name (python -m repae.plan)."""
 
 PEAK_BF16_TFLOPS = {s.match: s.bf16_tflops for s in GPU_SPECS.values()}
 """Dense bf16 tensor-core peaks (spec sheets, SXM parts) by a substring of torch.cuda.get_device_name()."""

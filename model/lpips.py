@@ -243,7 +243,7 @@ class LPIPS(nn.Module):
         if self.lin0.model[1].weight.dtype != torch.float32:
             raise ValueError(f"LPIPS parameters are {self.lin0.model[1].weight.dtype}, expected torch.float32 "
                              "(do not cast the LPIPS module; it computes in fp32)")
-        # Meta tensors (FLOP counting, train/plan.py) have no autocast: nothing to switch off there.
+        # Meta tensors (FLOP counting, bench/model_harness.py) have no autocast: nothing to switch off there.
         fp32 = (contextlib.nullcontext() if x.device.type == "meta"
                 else torch.autocast(device_type=x.device.type, enabled=False))
         with fp32:

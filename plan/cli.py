@@ -67,7 +67,7 @@ def _memory_table(plan: dict) -> list[str]:
     lines = [head, "-" * len(head)]
     for e, v in m["engines"].items():
         lines.append(f"{e:<18} " + " ".join(f"{v[p] / GB:>12.2f}" for p in parts) + f" {sum(v.values()) / GB:>8.2f}")
-    lines.append("frozen: " + ", ".join(f"{k} {v / GB:.2f}" for k, v in m["frozen"].items() if v > 0))
+    lines.append("frozen: " + ", ".join(f"{k} {v / GB:.2f}" for k, v in m["frozen"].items() if v >= 0.005 * GB))
     if m["comm_buffers_transient"]:
         lines.append("comm_buffers: DeepSpeed allocates them for the engine's own backward only (counted there)")
     lines.append(f"batch {m['batch'] / GB:.3f}; activations and temporaries in the worst phase "

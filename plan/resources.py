@@ -205,20 +205,26 @@ def engine_comm(params: int, *, mode: str, zero_stage: int, world: int, comm_dty
 
 
 def link_gbps(world: int, gpu: GPUSpec) -> float:
-    """The per-direction bandwidth a ring of `world` ranks runs at: NVLink inside one node, else the per-GPU
-    network link (a ring through several nodes is as slow as its slowest hop)."""
-    field = "nvlink_gbps" if world <= gpu.gpus_per_node else "network_gbps"
-    gbps = getattr(gpu, field)
-    if gbps <= 0:
-        raise ValueError(f"GPU {gpu.name!r}: {field} is {gbps}, so collectives over {world} ranks cannot be timed")
+    """The per-direction bandwidth a ring of `world` ranks runs at. Inside one node: NVLink. Across nodes: NCCL
+    runs one ring (channel) per NIC, each carrying 1/gpus_per_node of the data, and each ring crosses a node
+    boundary through its own GPU's NIC; every GPU is the boundary of one ring and an NVLink hop of the others, so
+    the NIC carries 1/gpus_per_node of the traffic: the ring runs at min(NVLink, gpus_per_node x the per-GPU
+    network link), the node's aggregate NIC bandwidth (DGX H100: 8 x 50 = 400 GB/s)."""
+    if world <= gpu.gpus_per_node:
+        field, gbps = "nvlink_gbps", gpu.nvlink_gbps
+    else:
+        field, gbps = "network_gbps", min(gpu.nvlink_gbps, gpu.gpus_per_node * gpu.network_gbps)
+    if getattr(gpu, field) <= 0:
+        raise ValueError(f"GPU {gpu.name!r}: {field} is {getattr(gpu, field)}, so collectives over {world} ranks "
+                         f"cannot be timed")
     return gbps
 
 
 def ring_seconds(c: Collective, world: int, gpu: GPUSpec) -> float:
     """Time of one collective in the ring model: an all-reduce sends 2(N-1)/N * S per rank, a reduce-scatter or
     an all-gather (N-1)/N * S, at link_gbps. Approximations: every link at its spec-sheet peak (NCCL reaches less),
-    no latency term (small_collectives_seconds has one), and a multi-node ring limited by the per-GPU network link
-    although NCCL's trees and in-node hops over NVLink do better. One rank: 0."""
+    no latency term (small_collectives_seconds has one), NCCL's channels spread evenly over the NICs (link_gbps).
+    One rank: 0."""
     if world <= 1:
         return 0.0
     factor = {"all_reduce": 2.0, "reduce_scatter": 1.0, "all_gather": 1.0}.get(c.kind)

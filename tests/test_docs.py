@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = [p for folder in ("kernels", "model", "train", "bench", "tests", "scripts", "docs")
+SOURCES = [p for folder in ("kernels", "model", "train", "plan", "bench", "tests", "scripts", "docs")
            for p in sorted((ROOT / folder).rglob("*")) if p.suffix in (".py", ".md", ".sh")] + [ROOT / "README.md"]
 POINTER = re.compile(r"docs/([A-Za-z_]+\.md)(?:#([a-z0-9-]+))?")
 # Spelled with a class and an escape so that a plain grep for those pointers does not find this line itself.

@@ -36,7 +36,7 @@ def test_only_kernel_files_import_triton_at_module_level(path):
     assert uses_triton == (path.name in TRITON_MODULES), path.name
 
 
-@pytest.mark.parametrize("folder", ["model", "train"])
+@pytest.mark.parametrize("folder", ["model", "train", "plan"])
 def test_model_and_train_use_only_the_public_kernels_api(folder):
     for path in sorted((ROOT / folder).rglob("*.py")):
         for name in _all_imports(path):

@@ -111,7 +111,10 @@ def test_ring_seconds():
     S = 8_000_000_000
     assert ring_seconds(Collective("g", "all_reduce", S), 8, H100) == pytest.approx(2 * 7 / 8 * S / 450e9)
     assert ring_seconds(Collective("p", "all_gather", S), 8, H100) == pytest.approx(7 / 8 * S / 450e9)
-    assert ring_seconds(Collective("g", "all_reduce", S), 16, H100) == pytest.approx(2 * 15 / 16 * S / 50e9)
+    # Across nodes: one ring per NIC, each NIC carrying an eighth of the data: 8 x 50 GB/s (link_gbps).
+    assert ring_seconds(Collective("g", "all_reduce", S), 16, H100) == pytest.approx(2 * 15 / 16 * S / 400e9)
+    slow_nvlink = replace(H100, nvlink_gbps=300.0)  # then NVLink, not the NICs, limits the multi-node ring
+    assert ring_seconds(Collective("g", "all_reduce", S), 16, slow_nvlink) == pytest.approx(2 * 15 / 16 * S / 300e9)
     assert ring_seconds(Collective("g", "all_reduce", S), 1, H100) == 0.0
 
 
@@ -122,7 +125,7 @@ def test_ring_seconds_without_a_bandwidth_names_the_field():
 
 def test_small_collectives_pay_a_latency_each():
     assert small_collectives_seconds([4, 4], 8, H100) == pytest.approx(2 * (10e-6 + 2 * 7 / 8 * 4 / 450e9))
-    assert small_collectives_seconds([4], 16, H100) == pytest.approx(30e-6 + 2 * 15 / 16 * 4 / 50e9)
+    assert small_collectives_seconds([4], 16, H100) == pytest.approx(30e-6 + 2 * 15 / 16 * 4 / 400e9)
     assert small_collectives_seconds([4], 1, H100) == 0.0
 
 
