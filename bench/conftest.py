@@ -115,8 +115,9 @@ def pytest_terminal_summary(terminalreporter):
                           f"{r['tflops']:7.1f}TF {r['mfu']:6.1%} MFU {r['peak_mem_gib']:5.1f} GiB")
             continue
         if "img_per_s" in r:  # train-step rows (bench_train_step.py)
+            floor = f"  floor {r['floor_ms']:.1f} ms ({r['ms'][0] / r['floor_ms']:.2f}x)" if r.get("floor_ms") else ""
             tr.write_line(f"{r['op']:10} {r['case']:24} {r['mode']:8} {r['provider']:8} {r['ms'][0]:9.1f} "
-                          f"{r['img_per_s']:7.1f} img/s {r['peak_mem_gib']:5.1f} GiB  {r['split_ms']}")
+                          f"{r['img_per_s']:7.1f} img/s {r['peak_mem_gib']:5.1f} GiB{floor}  {r['split_ms']}")
             continue
         if "tflops" in r:  # whole-model rows (bench_models.py)
             tr.write_line(f"{r['op']:10} {r['case']:24} {r['mode']:8} {r['provider']:8} {r['ms'][0]:9.3f} "

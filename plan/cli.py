@@ -84,7 +84,7 @@ def _comm_lines(plan: dict) -> list[str]:
     lines = [f"communication per rank per step (ring model, {plan['num_gpus']} GPUs):"]
     for r in c["collectives"]:
         lines.append(f"  {r['engine']:<5} {r['name']:<28} {r['bytes'] / GB:>7.2f} GB  {r['seconds'] * 1e3:>8.2f} ms")
-    lines.append(f"  {c['small']['count']} small all-reduces (latent BN, finite-loss flags): "
+    lines.append(f"  {c['small']['count']} small all-reduces (latent BN, finite-loss flags, stop): "
                  f"{c['small']['seconds'] * 1e3:.2f} ms; total {c['seconds'] * 1e3:.1f} ms")
     return lines
 

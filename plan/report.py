@@ -69,8 +69,8 @@ def _memory(trace: StepTrace, recipe: Recipe, world: int) -> dict:
 
 
 def _communication(trace: StepTrace, recipe: Recipe, gpu: GPUSpec, world: int) -> dict:
-    """Collectives per rank per step: each engine's gradient (and parameter) traffic, the latent-BN statistics and
-    the finite-loss flags; seconds by the ring model of plan/resources.py."""
+    """Collectives per rank per step: each engine's gradient (and parameter) traffic, the latent-BN statistics, the
+    finite-loss flags and the stop agreement; seconds by the ring model of plan/resources.py."""
     rows = []
     for e in ENGINES:
         for c in resources.engine_comm(trace.engine_params[e], mode=recipe.mode, zero_stage=recipe.zero_stage,
@@ -82,9 +82,10 @@ def _communication(trace: StepTrace, recipe: Recipe, gpu: GPUSpec, world: int) -
             "seconds": sum(r["seconds"] for r in rows) + small["seconds"]}
 
 
-SMALL_COLLECTIVES = (3 * 4 * 8, 3 * 4 * 8, 4, 4, 4)
+SMALL_COLLECTIVES = (3 * 4 * 8, 3 * 4 * 8, 4, 4, 4, 4)
 """Bytes of the step's small all-reduces: the latent BN's statistics forward and backward ([3, C] at most fp64,
-C = 4) and one finite-loss flag per engine update (train/step.py)."""
+C = 4), one finite-loss flag per engine update (train/step.py) and the trainer's stop agreement (train/trainer.py
+_should_stop). The log window's mean (every logging.log_every steps) is left out."""
 
 
 def _phase_rows(trace: StepTrace, rec: Recipe, gpu: GPUSpec, world: int) -> dict:
