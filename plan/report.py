@@ -18,7 +18,7 @@ from repae.train.config import TrainConfig
 from . import resources
 from .counter import FAMILIES
 from .roofline import memory_bound_ops, optimizer_records, phase_rows
-from .trace import ENGINES, StepTrace, trace_step
+from .trace import StepTrace, trace_step
 
 UPDATE_PHASE = {"sit": "sit_backward_step", "vae": "vae_backward_step", "disc": "disc"}
 """The phase whose time holds an engine's optimizer update."""
@@ -53,14 +53,14 @@ def _memory(trace: StepTrace, recipe: Recipe, world: int) -> dict:
     whose backward runs in that phase (DeepSpeed allocates them for that engine's backward only; DDP's buckets
     live through the run)."""
     engines = {e: resources.engine_memory(trace.engine_params[e], mode=recipe.mode, zero_stage=recipe.zero_stage,
-                                          world=world, buckets=recipe.buckets) for e in ENGINES}
+                                          world=world, buckets=recipe.buckets) for e in trace.engine_params}
     transient = recipe.mode != "ddp"
     static = (sum(sum(v for k, v in parts.items() if not (transient and k == "comm_buffers"))
                   for parts in engines.values())
               + sum(trace.frozen_bytes.values()) + trace.input_bytes)
     by_phase = {}
     for name, phase in trace.phases.items():
-        buffers = sum(engines[e]["comm_buffers"] for e in ENGINES if transient and UPDATE_PHASE[e] == name)
+        buffers = sum(engines[e]["comm_buffers"] for e in engines if transient and UPDATE_PHASE[e] == name)
         by_phase[name] = static + phase.peak_bytes + buffers
     worst = max(by_phase, key=by_phase.get)
     return {"engines": engines, "comm_buffers_transient": transient, "frozen": trace.frozen_bytes,
@@ -72,7 +72,7 @@ def _communication(trace: StepTrace, recipe: Recipe, gpu: GPUSpec, world: int) -
     """Collectives per rank per step: each engine's gradient (and parameter) traffic, the latent-BN statistics, the
     finite-loss flags and the stop agreement; seconds by the ring model of plan/resources.py."""
     rows = []
-    for e in ENGINES:
+    for e in trace.engine_params:
         for c in resources.engine_comm(trace.engine_params[e], mode=recipe.mode, zero_stage=recipe.zero_stage,
                                        world=world):
             rows.append({"engine": e, **asdict(c), "seconds": resources.ring_seconds(c, world, gpu)})
@@ -94,7 +94,7 @@ def _phase_rows(trace: StepTrace, rec: Recipe, gpu: GPUSpec, world: int) -> dict
     owned = 1 if rec.zero_stage == 0 else world
     master, low = (4, None) if rec.mode in ("fp32", "ddp") else (4, 2)
     extra = {UPDATE_PHASE[e]: optimizer_records(-(-trace.engine_params[e] // owned), master_bytes=master,
-                                                low_bytes=low) for e in ENGINES}
+                                                low_bytes=low) for e in trace.engine_params}
     return phase_rows(trace, gpu, extra)
 
 

@@ -39,7 +39,7 @@ from repae.model.vae import build_vae
 from repae.train import step as step_module
 from repae.train.config import TrainConfig
 from repae.train.ema import EMA
-from repae.train.step import StepInputs, StepModels, StepSettings
+from repae.train.step import LdmModels, StepInputs, StepModels, StepSettings
 
 from .counter import CostCounter, Phase
 
@@ -47,8 +47,14 @@ PHASES = ("dinov2", "vae_forward", "lpips_gan_loss", "align_forward", "vae_backw
           "sit_backward_step", "ema")
 """The phases of train_step, by the names it passes to `mark` (the train-step benchmark uses the same)."""
 
+LDM_PHASES = ("dinov2", "latents", "sit_forward", "sit_backward_step", "ema")
+"""The phases of ldm_step (stage=ldm)."""
+
+STAGE_PHASES = {"repae": PHASES, "ldm": LDM_PHASES}
+
 ENGINES = ("sit", "vae", "disc")
-"""The trained modules, each in its own engine and optimizer (train/build.py)."""
+"""The trained modules of the REPA-E step, each in its own engine and optimizer (train/build.py); stage=ldm
+trains the SiT only."""
 
 
 @dataclass
@@ -93,37 +99,64 @@ def _fake(module: nn.Module, mode: FakeTensorMode) -> nn.Module:
     return module._apply(lambda t: mode.fake_tensor_converter.from_meta_and_device(mode, t, cpu))
 
 
-def _build(cfg: TrainConfig, backend: str, mode: FakeTensorMode | None) -> tuple[StepModels, dict[str, int],
-                                                                                   dict[str, int]]:
-    """The step's models at full size as fake CPU tensors (built on the meta device: timm's DINOv2 reads a value
-    while it is built, which a fake tensor does not have), or as real CPU modules when mode is None; their trainable
-    parameter counts per engine and the bytes of everything frozen."""
-    configs = cfg.model_configs()
-    with torch.device("meta" if mode is not None else "cpu"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # LPIPS loads its linear heads into meta parameters: a no-op, said loudly
-        sit = SiT(replace(configs.sit, kernel_backend=backend))
-        vae, disc = build_vae(configs.vae), build_discriminator(None)
-        lpips = LPIPS(cfg.loss.vae.lpips_double_rescale, pretrained=False)
+def _frozen_models(cfg: TrainConfig, mode: FakeTensorMode | None) -> list[nn.Module]:
+    """The DINOv2 encoders (built on meta when tracing fake: timm reads a value while it builds one)."""
+    with torch.device("meta" if mode is not None else "cpu"):
         encoders = [DINOv2Encoder(s.enc_type, cfg.data.resolution, pretrained=False)
                     for s in parse_enc_type(cfg.encoder.enc_type)]
-        lecam = LeCamEMA(cfg.loss.vae.lecam_ema_decay) if cfg.loss.vae.lecam_regularization_weight > 0 else None
+    return [_fake(e, mode) for e in encoders] if mode is not None else encoders
+
+
+def _sit_and_ema(cfg: TrainConfig, backend: str, mode: FakeTensorMode | None) -> tuple[SiT, EMA]:
+    with torch.device("meta" if mode is not None else "cpu"):
+        sit = SiT(replace(cfg.model_configs().sit, kernel_backend=backend))
     sit.pos_embed.requires_grad_(not cfg.sit.freeze_pos_embed)  # as train/build.py
+    if cfg.stage == "ldm":  # the latent BN on fixed statistics (the VAE's latents-stats file in training)
+        C = sit.config.in_channels
+        sit.init_bn(latents_scale=torch.ones(C, device=sit.pos_embed.device),
+                    latents_bias=torch.zeros(C, device=sit.pos_embed.device))
     ema = EMA(sit)
     if mode is not None:
         _fake(ema.module, mode)
         ema._collect()  # its tensor lists name the module's new (fake) parameters
-        sit, vae, disc, lpips = (_fake(m, mode) for m in (sit, vae, disc, lpips))
-        encoders = [_fake(e, mode) for e in encoders]
-        lecam = _fake(lecam, mode) if lecam is not None else None
-    for m in (sit, vae, disc):
-        m.train()
-    trained = {"sit": sit, "vae": vae, "disc": disc}
+        sit = _fake(sit, mode)
+    return sit.train(), ema
+
+
+def _sizes(trained: dict[str, nn.Module], ema: EMA, frozen: dict[str, list[nn.Module]]) -> tuple[dict, dict]:
+    """Trainable parameters per engine, and bytes of everything that lives through the run untrained."""
     params = {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, m in trained.items()}
-    frozen = {f"{k} (frozen params, buffers)": _nbytes([p for p in m.parameters() if not p.requires_grad])
-              + _nbytes(m.buffers()) for k, m in trained.items()}
-    frozen["sit EMA"] = _nbytes([*ema.module.parameters(), *ema.module.buffers()])
-    frozen["LPIPS"] = _nbytes([*lpips.parameters(), *lpips.buffers()])
-    frozen["DINOv2"] = sum(_nbytes([*e.parameters(), *e.buffers()]) for e in encoders)
+    sizes = {f"{k} (frozen params, buffers)": _nbytes([p for p in m.parameters() if not p.requires_grad])
+             + _nbytes(m.buffers()) for k, m in trained.items()}
+    sizes["sit EMA"] = _nbytes([*ema.module.parameters(), *ema.module.buffers()])
+    for name, modules in frozen.items():
+        sizes[name] = sum(_nbytes([*m.parameters(), *m.buffers()]) for m in modules)
+    return params, sizes
+
+
+def _build(cfg: TrainConfig, backend: str, mode: FakeTensorMode | None) -> tuple[object, dict[str, int],
+                                                                                   dict[str, int]]:
+    """The step's models at full size as fake CPU tensors (built on the meta device, then swapped), or as real CPU
+    modules when mode is None; their trainable parameter counts per engine and the bytes of everything frozen."""
+    sit, ema = _sit_and_ema(cfg, backend, mode)
+    encoders = _frozen_models(cfg, mode)
+    with torch.device("meta" if mode is not None else "cpu"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # LPIPS loads its linear heads into meta parameters: a no-op, said loudly
+        vae = build_vae(cfg.model_configs().vae)
+        if cfg.stage == "ldm":  # the frozen VAE (eval, fp32) gives the posterior when no latent cache does
+            vae = vae.eval().requires_grad_(False)
+            params, frozen = _sizes({"sit": sit}, ema, {"frozen VAE": [vae], "DINOv2": encoders})
+            vae = _fake(vae, mode) if mode is not None else vae
+            models = LdmModels(sit=_Engine(sit), vae=vae, encoders=encoders, ema=ema, latents_stats=())  # unread
+            return models, params, frozen
+        disc = build_discriminator(None)
+        lpips = LPIPS(cfg.loss.vae.lpips_double_rescale, pretrained=False)
+        lecam = LeCamEMA(cfg.loss.vae.lecam_ema_decay) if cfg.loss.vae.lecam_regularization_weight > 0 else None
+    if mode is not None:
+        vae, disc, lpips = (_fake(m, mode) for m in (vae, disc, lpips))
+        lecam = _fake(lecam, mode) if lecam is not None else None
+    vae.train(), disc.train()
+    params, frozen = _sizes({"sit": sit, "vae": vae, "disc": disc}, ema, {"LPIPS": [lpips], "DINOv2": encoders})
     models = StepModels(sit=_Engine(sit), vae=_Engine(vae), disc=_Engine(disc), lpips=lpips, encoders=encoders,
                         ema=ema, lecam=lecam)
     return models, params, frozen
@@ -138,18 +171,33 @@ def _drop_gradients(modules: list[nn.Module]) -> None:
                 p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
 
 
+def _inputs(cfg: TrainConfig, models, batch: int) -> StepInputs:
+    """A batch and the step's draws; a feature cache's targets (encoder.feature_cache) and a latent cache's moments
+    (data.latent_cache) come in as the step would read them, so their phases do no work."""
+    c, R = cfg.model_configs().sit, cfg.data.resolution
+    latent = (batch, c.in_channels, c.input_size, c.input_size)
+    images = torch.zeros(batch, 3, R, R, dtype=torch.uint8)
+    targets = None
+    if cfg.encoder.feature_cache:
+        with torch.no_grad():
+            targets = tuple(enc(images).float() for enc in models.encoders)
+    moments = (torch.randn(latent), torch.rand(latent)) if cfg.stage == "ldm" and cfg.data.latent_cache else None
+    return StepInputs(images=images, labels=torch.zeros(batch, dtype=torch.long), t=torch.rand(batch),
+                      noise=torch.randn(latent), drop_mask=torch.zeros(batch, dtype=torch.bool),
+                      posterior_noise=torch.randn(latent), targets=targets, moments=moments)
+
+
 def trace_step(cfg: TrainConfig, batch: int, *, backend: str = "triton", precision: str | None = None,
                fake: bool = True) -> StepTrace:
-    """Run one REPA-E train_step of `cfg` at per-rank batch `batch` on fake tensors under a CostCounter. The GAN
-    term is on (the step is taken at loss.vae.discriminator_start, the steady state). backend: "triton" (our fused
-    kernels) or "eager"; precision: the autocast precision (default schedule.precision). fake=False runs it on real
-    CPU tensors with random weights (small configs: the tests compare the counted memory with the allocator's)."""
-    if cfg.stage != "repae":
-        raise ValueError(f"config key stage={cfg.stage!r}: the planner traces the REPA-E step (stage=repae) only")
+    """Run one step of `cfg` (train_step, or ldm_step for stage=ldm) at per-rank batch `batch` on fake tensors
+    under a CostCounter. The GAN term is on (the step is taken at loss.vae.discriminator_start, the steady state).
+    backend: "triton" (our fused kernels) or "eager"; precision: the autocast precision (default
+    schedule.precision). fake=False runs it on real CPU tensors with random weights (small configs: the tests
+    compare the counted memory with the allocator's)."""
+    if cfg.stage not in STAGE_PHASES:
+        raise ValueError(f"config key stage={cfg.stage!r}: the planner traces {sorted(STAGE_PHASES)}")
     if batch < 2:
         raise ValueError(f"per-rank batch {batch}: the latent and discriminator BatchNorms need at least 2 images")
-    configs, R = cfg.model_configs(), cfg.data.resolution
-    latent = (batch, configs.sit.in_channels, configs.sit.input_size, configs.sit.input_size)
     settings = StepSettings(vae_loss=cfg.loss.vae, proj_coeff=cfg.loss.proj_coeff,
                             vae_align_proj_coeff=cfg.loss.vae_align_proj_coeff, ema_decay=cfg.schedule.ema_decay,
                             precision=precision or cfg.schedule.precision, kernel_backend=backend)
@@ -164,16 +212,15 @@ def trace_step(cfg: TrainConfig, batch: int, *, backend: str = "triton", precisi
             stack.enter_context(as_custom_ops())
         # The step's one host sync (is the loss finite?) has no value to read on fake tensors: every update runs.
         stack.enter_context(mock.patch.object(step_module, "finite_on_all_ranks", lambda loss: True))
-        _drop_gradients([models.sit.module, models.vae.module, models.disc.module])
-        inputs = StepInputs(images=torch.zeros(batch, 3, R, R, dtype=torch.uint8),
-                            labels=torch.zeros(batch, dtype=torch.long), t=torch.rand(batch),
-                            noise=torch.randn(latent), drop_mask=torch.zeros(batch, dtype=torch.bool),
-                            posterior_noise=torch.randn(latent))
-        input_bytes = _nbytes([inputs.images, inputs.labels, inputs.t, inputs.noise, inputs.drop_mask,
-                               inputs.posterior_noise])
+        _drop_gradients([getattr(models, e).module for e in params])
+        inputs = _inputs(cfg, models, batch)
+        input_bytes = _nbytes([x for x in (inputs.images, inputs.labels, inputs.t, inputs.noise, inputs.drop_mask,
+                                           inputs.posterior_noise, *(inputs.targets or ()), *(inputs.moments or ()))])
         with counter:
-            step_module.train_step(models, inputs, settings, step=cfg.loss.vae.discriminator_start, mark=counter.mark)
-    missing = set(PHASES) - set(counter.phases)
-    assert not missing, f"train_step no longer marks {sorted(missing)}: update PHASES"
-    return StepTrace(batch=batch, phases={p: counter.phases[p] for p in PHASES}, engine_params=params,
+            step_module.STEPS[cfg.stage](models, inputs, settings, step=cfg.loss.vae.discriminator_start,
+                                         mark=counter.mark)
+    phases = STAGE_PHASES[cfg.stage]
+    missing = set(phases) - set(counter.phases)
+    assert not missing, f"the {cfg.stage} step no longer marks {sorted(missing)}: update STAGE_PHASES"
+    return StepTrace(batch=batch, phases={p: counter.phases[p] for p in phases}, engine_params=params,
                      frozen_bytes=frozen, input_bytes=input_bytes)

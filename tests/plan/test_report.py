@@ -17,7 +17,7 @@ from repae.model.flops import GPU_SPECS
 from repae.plan import resources
 from repae.plan.cli import main
 from repae.plan.report import UPDATE_PHASE, make_plan
-from repae.plan.trace import PHASES
+from repae.plan.trace import LDM_PHASES, PHASES
 from repae.train.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -125,7 +125,17 @@ def test_json_of_both_recipes(capsys):
 def test_bad_arguments_are_one_line_errors(capsys):
     assert main(["--config", str(CONFIG), "--gpus", "3"]) == 2  # 256 images do not split over 3 GPUs
     assert main(["--config", str(CONFIG), "--gpu", "custom"]) == 2  # no --peak-tflops
-    assert main(["--config", str(ROOT / "configs" / "tiny_ldm_cpu.json")]) == 2  # stage=ldm is not traced
+    assert main(["--config", str(CONFIG), "--gpus", "256"]) == 2  # one image per GPU: no batch statistics
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("error: ") for line in err)
-    assert "stage" in err[2]
+    assert "at least 2 images" in err[2]
+
+
+def test_ldm_stage_trains_the_sit_alone():
+    cfg = load_config(ROOT / "configs" / "sitxl1_ldm_e2e_vavae.json")
+    cached = make_plan(cfg, H100, 8)  # its latents come from a latent cache: the frozen VAE does no work
+    assert list(cached["phases"]) == list(LDM_PHASES) and list(cached["memory"]["engines"]) == ["sit"]
+    assert cached["phases"]["latents"]["gflop"] < 1e-3
+    online = make_plan(load_config(ROOT / "configs" / "sitxl1_ldm_e2e_vavae.json", ["data.latent_cache=null"]), H100, 8)
+    assert online["phases"]["latents"]["gflop"] > 32 * 100  # the VAE encoder runs on the batch (no gradients)
+    assert online["phases"]["sit_forward"]["gflop"] == pytest.approx(cached["phases"]["sit_forward"]["gflop"])
