@@ -93,22 +93,29 @@ def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _fake(module: nn.Module, mode: FakeTensorMode) -> nn.Module:
-    """The module with its meta parameters and buffers swapped for fake CPU tensors of the same shapes."""
+def _build_device(mode: FakeTensorMode | None) -> torch.device:
+    """Where models are built: meta when the trace is fake (timm's DINOv2 reads a value while it is built, which a
+    fake tensor does not have; _fake swaps the tensors after), the CPU for a real trace."""
+    return torch.device("meta" if mode is not None else "cpu")
+
+
+def _fake(module: nn.Module, mode: FakeTensorMode | None) -> nn.Module:
+    """The module with its meta parameters and buffers swapped for fake CPU tensors of the same shapes (a real
+    trace, mode None: the module as it is)."""
+    if mode is None:
+        return module
     cpu = torch.device("cpu")
     return module._apply(lambda t: mode.fake_tensor_converter.from_meta_and_device(mode, t, cpu))
 
 
-def _frozen_models(cfg: TrainConfig, mode: FakeTensorMode | None) -> list[nn.Module]:
-    """The DINOv2 encoders (built on meta when tracing fake: timm reads a value while it builds one)."""
-    with torch.device("meta" if mode is not None else "cpu"):
-        encoders = [DINOv2Encoder(s.enc_type, cfg.data.resolution, pretrained=False)
-                    for s in parse_enc_type(cfg.encoder.enc_type)]
-    return [_fake(e, mode) for e in encoders] if mode is not None else encoders
+def _encoders(cfg: TrainConfig, mode: FakeTensorMode | None) -> list[nn.Module]:
+    with _build_device(mode):
+        return [_fake(DINOv2Encoder(s.enc_type, cfg.data.resolution, pretrained=False), mode)
+                for s in parse_enc_type(cfg.encoder.enc_type)]
 
 
 def _sit_and_ema(cfg: TrainConfig, backend: str, mode: FakeTensorMode | None) -> tuple[SiT, EMA]:
-    with torch.device("meta" if mode is not None else "cpu"):
+    with _build_device(mode):
         sit = SiT(replace(cfg.model_configs().sit, kernel_backend=backend))
     sit.pos_embed.requires_grad_(not cfg.sit.freeze_pos_embed)  # as train/build.py
     if cfg.stage == "ldm":  # the latent BN on fixed statistics (the VAE's latents-stats file in training)
@@ -119,8 +126,7 @@ def _sit_and_ema(cfg: TrainConfig, backend: str, mode: FakeTensorMode | None) ->
     if mode is not None:
         _fake(ema.module, mode)
         ema._collect()  # its tensor lists name the module's new (fake) parameters
-        sit = _fake(sit, mode)
-    return sit.train(), ema
+    return _fake(sit, mode).train(), ema
 
 
 def _sizes(trained: dict[str, nn.Module], ema: EMA, frozen: dict[str, list[nn.Module]]) -> tuple[dict, dict]:
@@ -139,22 +145,21 @@ def _build(cfg: TrainConfig, backend: str, mode: FakeTensorMode | None) -> tuple
     """The step's models at full size as fake CPU tensors (built on the meta device, then swapped), or as real CPU
     modules when mode is None; their trainable parameter counts per engine and the bytes of everything frozen."""
     sit, ema = _sit_and_ema(cfg, backend, mode)
-    encoders = _frozen_models(cfg, mode)
-    with torch.device("meta" if mode is not None else "cpu"), warnings.catch_warnings():
+    encoders = _encoders(cfg, mode)
+    with _build_device(mode), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # LPIPS loads its linear heads into meta parameters: a no-op, said loudly
         vae = build_vae(cfg.model_configs().vae)
         if cfg.stage == "ldm":  # the frozen VAE (eval, fp32) gives the posterior when no latent cache does
             vae = vae.eval().requires_grad_(False)
             params, frozen = _sizes({"sit": sit}, ema, {"frozen VAE": [vae], "DINOv2": encoders})
-            vae = _fake(vae, mode) if mode is not None else vae
-            models = LdmModels(sit=_Engine(sit), vae=vae, encoders=encoders, ema=ema, latents_stats=())  # unread
-            return models, params, frozen
+            # latents_stats: the step does not read them (the SiT's BN holds the statistics)
+            return (LdmModels(sit=_Engine(sit), vae=_fake(vae, mode), encoders=encoders, ema=ema, latents_stats=()),
+                    params, frozen)
         disc = build_discriminator(None)
         lpips = LPIPS(cfg.loss.vae.lpips_double_rescale, pretrained=False)
         lecam = LeCamEMA(cfg.loss.vae.lecam_ema_decay) if cfg.loss.vae.lecam_regularization_weight > 0 else None
-    if mode is not None:
-        vae, disc, lpips = (_fake(m, mode) for m in (vae, disc, lpips))
-        lecam = _fake(lecam, mode) if lecam is not None else None
+    vae, disc, lpips = (_fake(m, mode) for m in (vae, disc, lpips))
+    lecam = _fake(lecam, mode) if lecam is not None else None
     vae.train(), disc.train()
     params, frozen = _sizes({"sit": sit, "vae": vae, "disc": disc}, ema, {"LPIPS": [lpips], "DINOv2": encoders})
     models = StepModels(sit=_Engine(sit), vae=_Engine(vae), disc=_Engine(disc), lpips=lpips, encoders=encoders,
