@@ -25,6 +25,25 @@ CONFIG = ROOT / "configs" / "sitxl_repae.json"
 H100 = GPU_SPECS["h100"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def traces_once():
+    """One trace per (config, batch, backend, precision) for the whole file: make_plan only reads a trace, and the
+    CPU suite's time is budgeted."""
+    from repae.plan import report
+
+    cache, trace = {}, report.trace_step
+
+    def cached(cfg, batch, **kw):
+        key = (repr(cfg), batch, tuple(sorted(kw.items())))
+        if key not in cache:
+            cache[key] = trace(cfg, batch, **kw)
+        return cache[key]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(report, "trace_step", cached)
+        yield
+
+
 @pytest.fixture(scope="module")
 def cfg():
     return load_config(CONFIG)
