@@ -22,9 +22,9 @@ def floor_fields(cfg, device_name: str, backend: str) -> dict:
     """The row fields of the predicted floor: `floor_gpu` (the GPU_SPECS row's name), `predicted_ms` ({phase: ms}),
     `floor_ms` (their sum) and `floor_note` (why the floor is null, else None). A GPU the table lacks, or a planner
     that fails, gives nulls and the reason instead of an error: the measured row is what the GPU minutes bought."""
-    from repae.model.flops import GPU_SPECS
+    from repae.model.flops import gpu_spec_for
 
-    spec = next((s for s in GPU_SPECS.values() if s.match in device_name), None)
+    spec = gpu_spec_for(device_name)
     if spec is None:
         return {"floor_gpu": None, "predicted_ms": None, "floor_ms": None,
                 "floor_note": f"{device_name!r} matches no row of model/flops.py: GPU_SPECS"}

@@ -16,17 +16,15 @@ import sys
 import torch
 from timing import BenchFn, time_ms
 
-# Nominal HBM bandwidth by a substring of torch.cuda.get_device_name(), the more specific names first.
-# NVIDIA's data sheets: H100 SXM 3.35 TB/s, H100 NVL 3.9 TB/s, H100 PCIe 2.0 TB/s (H100 Tensor Core GPU
-# datasheet); H200 SXM and NVL 4.8 TB/s (H200 Tensor Core GPU datasheet). A copy reaches less than this.
-NOMINAL_HBM_GBPS = {"H100 NVL": 3900.0, "H100 PCIe": 2000.0, "H100": 3350.0, "H200": 4800.0}
+from repae.model.flops import gpu_spec_for
 
 COPY_BYTES = 2 * 2**30  # 2 GiB each way: far past the L2 (50 MB on H100)
 
 
 def nominal_hbm_gbps(device_name: str) -> float | None:
-    """The spec-sheet bandwidth of the named GPU, None when the table does not know it."""
-    return next((v for k, v in NOMINAL_HBM_GBPS.items() if k in device_name), None)
+    """The spec-sheet bandwidth of the named GPU (model/flops.py: GPU_SPECS), None when the table does not know it."""
+    spec = gpu_spec_for(device_name)
+    return spec.hbm_gbps if spec is not None else None
 
 
 def bandwidth_row(device_name: str, nbytes: int, ms: tuple[float, float, float]) -> dict:

@@ -44,6 +44,13 @@ GPU_SPECS = {
     # TF32 989 with sparsity (494.5 dense), FP32 67 TFLOPS, NVLink 900 GB/s (450 each way). DGX H100 datasheet: 8
     # single-port ConnectX-7 at 400 Gb/s for the compute fabric, one per GPU = 50 GB/s each way.
     "h100": GPUSpec("H100 SXM 80GB", "H100", 989.0, 3350.0, 80.0, 494.5, 67.0, 450.0, 50.0, 8),
+    # NVIDIA H100 Tensor Core GPU datasheet, H100 NVL column: bf16 1,671 TFLOPS with sparsity, TF32 835, FP32 60,
+    # 94 GB at 3.9 TB/s, NVLink bridge 600 GB/s (300 each way) between a pair of cards. The NIC per GPU is not on the
+    # sheet: one 400 Gb/s port per GPU assumed, as in a DGX.
+    "h100-nvl": GPUSpec("H100 NVL 94GB", "H100 NVL", 835.5, 3900.0, 94.0, 417.5, 60.0, 300.0, 50.0, 2),
+    # NVIDIA H100 PCIe datasheet (80 GB): bf16 1,513 TFLOPS with sparsity, TF32 756, FP32 51, HBM2e 2 TB/s, NVLink
+    # bridge 600 GB/s between a pair of cards; one 400 Gb/s NIC per GPU assumed.
+    "h100-pcie": GPUSpec("H100 PCIe 80GB", "H100 PCIe", 756.5, 2000.0, 80.0, 378.0, 51.0, 300.0, 50.0, 2),
     # NVIDIA H200 Tensor Core GPU datasheet, SXM column: bf16 1,979 TFLOPS with sparsity, 4.8 TB/s, 141 GB; TF32 989
     # with sparsity, FP32 67 TFLOPS, NVLink 900 GB/s (the H100's compute and links). DGX H200: 8 ConnectX-7 at 400 Gb/s.
     "h200": GPUSpec("H200 SXM 141GB", "H200", 989.0, 4800.0, 141.0, 494.5, 67.0, 450.0, 50.0, 8),
@@ -58,15 +65,20 @@ GPU_SPECS = {
 }
 """Spec-sheet ceilings by the planner's --gpu name (python -m repae.plan)."""
 
-PEAK_BF16_TFLOPS = {s.match: s.bf16_tflops for s in GPU_SPECS.values()}
-"""Dense bf16 tensor-core peaks (spec sheets, SXM parts) by a substring of torch.cuda.get_device_name()."""
-
 FLOP_FAMILIES = ("gemm", "conv", "attention")
+
+
+def gpu_spec_for(device_name: str) -> GPUSpec | None:
+    """The GPU_SPECS row of a torch.cuda.get_device_name(): the most specific `match` found in the name ("NVIDIA
+    H100 PCIe" is the PCIe row, not the SXM one), None when no row matches."""
+    rows = [s for s in GPU_SPECS.values() if s.match in device_name]
+    return max(rows, key=lambda s: len(s.match), default=None)
 
 
 def peak_bf16_tflops(device_name: str) -> float | None:
     """The dense bf16 peak of the named GPU, None when the table does not know it (no MFU is reported then)."""
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None)
+    spec = gpu_spec_for(device_name)
+    return spec.bf16_tflops if spec is not None else None
 
 
 def count_flops(fn: Callable[[], object]) -> int:

@@ -137,8 +137,8 @@ def test_schedule_cost():
 
 def test_gpu_rows_have_links():
     for name, gpu in GPU_SPECS.items():
-        assert gpu.gpus_per_node == 8, name
-        assert gpu.nvlink_gbps > gpu.network_gbps > 0, name  # the ring model picks the slower link across nodes
+        assert gpu.gpus_per_node == (2 if name in ("h100-nvl", "h100-pcie") else 8), name  # bridged pairs vs HGX
+        assert gpu.nvlink_gbps > gpu.network_gbps > 0, name
         assert gpu.bf16_tflops > gpu.tf32_tflops > gpu.fp32_tflops > 0, name
 
 
@@ -177,3 +177,13 @@ def test_engine_settings_bad_values_name_the_key(ds, key):
     with pytest.raises(ValueError) as err:
         engine_settings(ds)
     assert str(err.value).startswith(key)
+
+
+def test_a_device_name_gets_its_most_specific_spec_row():
+    from repae.model.flops import gpu_spec_for, peak_bf16_tflops
+
+    assert gpu_spec_for("NVIDIA H100 80GB HBM3").name == "H100 SXM 80GB"
+    assert gpu_spec_for("NVIDIA H100 PCIe").name == "H100 PCIe 80GB"  # not the SXM row, though "H100" matches too
+    assert gpu_spec_for("NVIDIA H100 NVL").hbm_gbps == 3900.0
+    assert gpu_spec_for("NVIDIA A100-SXM4-80GB").bf16_tflops == 312.0
+    assert gpu_spec_for("NVIDIA GeForce RTX 4090") is None and peak_bf16_tflops("NVIDIA GeForce RTX 4090") is None
