@@ -65,6 +65,15 @@ def init_distributed() -> None:
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
+def finish_distributed() -> None:
+    """Destroy the process group after a run every rank finished together, as PyTorch asks of a normal exit (the
+    backend's work and threads end before the interpreter tears down)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv=None) -> int:
     from repae.train.preemption import launcher_chain
 
@@ -94,6 +103,7 @@ def main(argv=None) -> int:
     except RunStopped as err:
         print(f"stopped: {err}", file=sys.stderr)
         return 3
+    finish_distributed()
     if trainer.stopped_by is not None:
         if trainer.rank == 0:
             print(f"interrupted: stopped by {trainer.stopped_by} at step {trainer.step} after its checkpoint; "

@@ -199,7 +199,7 @@ SCRIPT = r'''
 import os, sys, torch
 sys.path.insert(0, sys.argv[3])
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-from repae.train.main import init_distributed
+from repae.train.main import finish_distributed, init_distributed
 init_distributed()
 from test_ldm import ldm_config, two_rank_state
 from repae.train.trainer import Trainer
@@ -208,6 +208,7 @@ t = Trainer(ldm_config(sys.argv[1], sys.argv[4], "schedule.max_steps=2", "loggin
 t.fit()
 if t.rank == 0:
     torch.save(two_rank_state(t), sys.argv[2])
+finish_distributed()
 '''
 
 

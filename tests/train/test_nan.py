@@ -76,7 +76,7 @@ SCRIPT = r'''
 import json, os, sys, torch
 sys.path.insert(0, sys.argv[2])
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-from repae.train.main import init_distributed
+from repae.train.main import finish_distributed, init_distributed
 init_distributed()
 from conftest import tiny_config
 from repae.train.step import StepInputs
@@ -101,6 +101,7 @@ with open(os.path.join(sys.argv[4], f"result_rank{t.rank}.json"), "w") as f:
                "bn_finite": bool(torch.isfinite(bn.running_mean).all() and torch.isfinite(bn.running_var).all()),
                "ema_finite": all(bool(torch.isfinite(v).all()) for v in t.ema.state_dict().values()
                                  if v.is_floating_point())}, f)
+finish_distributed()
 '''
 
 

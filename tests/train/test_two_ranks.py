@@ -30,7 +30,7 @@ SCRIPT = r'''
 import os, sys, torch
 sys.path.insert(0, sys.argv[3])
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-from repae.train.main import init_distributed
+from repae.train.main import finish_distributed, init_distributed
 init_distributed()
 from conftest import tiny_config
 from repae.train.trainer import Trainer
@@ -42,6 +42,7 @@ if t.rank == 0:
     state = {f"{k}.{n}": v for k, e in t.engines.items() for n, v in e.module.state_dict().items()}
     state.update({f"ema.{n}": v for n, v in t.ema.state_dict().items()})
     torch.save(state, sys.argv[2])
+finish_distributed()
 '''
 
 
