@@ -74,7 +74,7 @@ def _communication(trace: StepTrace, recipe: Recipe, gpu: GPUSpec, world: int) -
     rows = []
     for e in trace.engine_params:
         for c in resources.engine_comm(trace.engine_params[e], mode=recipe.mode, zero_stage=recipe.zero_stage,
-                                       world=world):
+                                       world=world, buckets=recipe.buckets):
             rows.append({"engine": e, **asdict(c), "seconds": resources.ring_seconds(c, world, gpu)})
     small = {"count": len(SMALL_COLLECTIVES) if world > 1 else 0,
              "seconds": resources.small_collectives_seconds(SMALL_COLLECTIVES, world, gpu)}
@@ -92,9 +92,11 @@ def _phase_rows(trace: StepTrace, rec: Recipe, gpu: GPUSpec, world: int) -> dict
     """Each phase's roofline rows with the optimizers' updates added to their phases (ZeRO-1 and up update 1/N of
     the parameters on each rank)."""
     owned = 1 if rec.zero_stage == 0 else world
-    master, low = (4, None) if rec.mode in ("fp32", "ddp") else (4, 2)
-    extra = {UPDATE_PHASE[e]: optimizer_records(-(-trace.engine_params[e] // owned), master_bytes=master,
-                                                low_bytes=low) for e in trace.engine_params}
+    pb = resources.param_bytes(rec.mode)
+    low = None if pb == resources.MASTER_BYTES else pb  # a 16-bit engine also writes its 16-bit weight copy
+    extra = {UPDATE_PHASE[e]: optimizer_records(-(-trace.engine_params[e] // owned),
+                                                master_bytes=resources.MASTER_BYTES, low_bytes=low)
+             for e in trace.engine_params}
     return phase_rows(trace, gpu, extra)
 
 

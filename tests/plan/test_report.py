@@ -158,3 +158,13 @@ def test_ldm_stage_trains_the_sit_alone():
     online = make_plan(load_config(ROOT / "configs" / "sitxl1_ldm_e2e_vavae.json", ["data.latent_cache=null"]), H100, 8)
     assert online["phases"]["latents"]["gflop"] > 32 * 100  # the VAE encoder runs on the batch (no gradients)
     assert online["phases"]["sit_forward"]["gflop"] == pytest.approx(cached["phases"]["sit_forward"]["gflop"])
+
+
+def test_the_configs_zero_settings_reach_the_collectives():
+    """communication_data_type and use_multi_rank_bucket_allreduce of the config's DeepSpeed section set the gradient
+    collective's dtype and kind (plan/resources.py engine_settings -> engine_comm)."""
+    cfg = load_config(CONFIG, ["deepspeed.communication_data_type=bf16",
+                               "deepspeed.zero_optimization.use_multi_rank_bucket_allreduce=false"])
+    grad = next(c for c in make_plan(cfg, H100, 8)["communication"]["collectives"]
+                if c["engine"] == "sit" and "grad" in c["name"])
+    assert grad["kind"] == "reduce_scatter" and grad["bytes"] == 2 * 683_242_512
