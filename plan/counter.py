@@ -153,14 +153,13 @@ class CostCounter(TorchDispatchMode):
         self._open = Phase(start_bytes=self.live_bytes, peak_bytes=self.live_bytes)
 
     # ---- cost --------------------------------------------------------------------------------------------------
-    def _flops(self, func, args, kwargs, out, family: str, biggest: int) -> float:
+    def _formula(self, func):
+        """torch's FLOP formula for this op (the GPU flash kernel's for the CPU one), None when it has none."""
         packet = func.overloadpacket
         formula = self._formulas.get(packet)
         if formula is None and packet.__name__ in _ATTENTION_ALIASES:
             formula = self._formulas.get(getattr(torch.ops.aten, _ATTENTION_ALIASES[packet.__name__]))
-        if formula is not None:
-            return float(formula(*args, **kwargs, out_val=out))
-        return float(ELEMENT_FLOPS.get(family, 1) * biggest)
+        return formula
 
     def _ceiling(self, family: str, inputs: list[torch.Tensor]) -> str:
         if family not in ("gemm", "conv", "attention"):
@@ -186,8 +185,11 @@ class CostCounter(TorchDispatchMode):
         written = new + [t for t in mutated if not any(t is n for n in new)]
         read = [t for t in inputs if not (base.endswith(_WRITE_ONLY) and any(t is m for m in mutated))]
         nbytes = sum(map(tensor_bytes, read)) + sum(map(tensor_bytes, written))
-        family = classify(name, func.overloadpacket in self._formulas or base in _ATTENTION_ALIASES)
-        biggest = max((t.numel() for t in inputs + outputs), default=0)
-        self._open.records.append(OpRecord(name, family, self._flops(func, args, kwargs, out, family, biggest),
-                                           float(nbytes), self._ceiling(family, inputs)))
+        formula = self._formula(func)
+        family = classify(name, formula is not None)
+        if formula is not None:
+            flops = float(formula(*args, **kwargs, out_val=out))
+        else:
+            flops = float(ELEMENT_FLOPS.get(family, 1) * max((t.numel() for t in inputs + outputs), default=0))
+        self._open.records.append(OpRecord(name, family, flops, float(nbytes), self._ceiling(family, inputs)))
         return out
