@@ -116,8 +116,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gpus", type=int, default=1, help="GPUs sharing schedule.global_batch_size (default 1)")
     p.add_argument("--recipe", choices=("ours", "official", "both"), default="ours",
                    help="ours (the config) or the original code's fp16 + DDP + eager ops, or both")
-    for flag, what in (("--peak-tflops", "dense bf16 TFLOP/s"), ("--tf32-tflops", "dense TF32 TFLOP/s"),
-                       ("--fp32-tflops", "fp32 (CUDA-core) TFLOP/s"), ("--hbm-gbps", "HBM GB/s"),
+    for flag, what in (("--peak-tflops", "dense bf16 TFLOP/s"),
+                       ("--tf32-tflops", "dense TF32 TFLOP/s (default: half the bf16 peak, the H100's ratio)"),
+                       ("--fp32-tflops", "fp32 (CUDA-core) TFLOP/s (default: the bf16 peak / 15, about the H100's)"),
+                       ("--hbm-gbps", "HBM GB/s"),
                        ("--memory-gb", "HBM GB"), ("--nvlink-gbps", "NVLink GB/s per direction"),
                        ("--network-gbps", "inter-node GB/s per GPU per direction")):
         p.add_argument(flag, type=float, default=None, help=f"--gpu custom: {what}")
